@@ -1,0 +1,29 @@
+"""Named limits of the network library, with safe defaults (DESIGN §2 "Limits").
+
+Every length read from the wire is compared with one of these before anything is
+allocated. A node's settings build a ``Limits``; tests use the defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Our default maximum P-DATA-TF PDU length announced in the Maximum Length
+#: sub-item (PS3.8 D.1). 256 KiB keeps the per-PDU overhead small for big datasets.
+DEFAULT_MAX_PDU = 262_144
+
+#: Cap on fragment size when the peer announces 0 (unlimited) or a huge value.
+SEND_PDU_CAP = 1_048_576
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_pdu_length: int = DEFAULT_MAX_PDU  # the largest P-DATA-TF body we accept
+    max_associate_pdu_length: int = 65_536  # A-ASSOCIATE-RQ/AC body cap
+    max_command_set_length: int = 65_536  # a reassembled command set
+    max_presentation_contexts: int = 128  # PS3.8 allows odd IDs 1..255
+    max_associations: int = 64  # concurrent, per SCP process
+    max_associations_per_calling_ae: int = 32
+    max_dataset_depth: int = 64  # sequence nesting (DCMTK's default)
+    max_inflated_bytes: int = 1 << 30  # Deflated Explicit VR LE inflation cap
+    send_pdu_cap: int = SEND_PDU_CAP
