@@ -373,11 +373,11 @@ def test_fragment_matches_pdu_encode_pdata_when_available() -> None:
     assert ours == theirs
 
 
-@pytest.mark.parametrize("max_pdu", [0, 7, 100, 16384])
-@pytest.mark.parametrize("size", [0, 1, 5000, 70001])
+@pytest.mark.parametrize(
+    ("max_pdu", "size"),
+    [(m, s) for m in (0, 7, 100, 16384) for s in (0, 1, 5000, 70001) if (m, s) != (7, 70001)],
+)
 def test_iter_file_fragments(max_pdu: int, size: int) -> None:
-    if max_pdu == 7 and size > 5000:
-        pytest.skip("one byte per PDU: covered by smaller sizes")
     payload = bytes(i % 251 for i in range(size))
     f = io.BytesIO(b"P" * 132 + payload + b"TRAILER")
     chunks = list(iter_file_fragments(f, 132, size, 9, max_pdu, chunk_size=4096))
