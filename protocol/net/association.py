@@ -1,0 +1,321 @@
+"""The asyncio edge shared by both roles: one ``asyncio.Protocol`` per association.
+
+It owns what the sans-IO core must not: the socket, the clocks and the event loop.
+Bytes from the socket go into ``Connection.receive_data``; whatever the connection
+queued goes out in one ``writelines`` call; timers the connection asks for (ARTIM) and
+the deadlines of DESIGN §2 (ACSE, DIMSE, idle, write) are loop callbacks that feed
+expiries back in. P-DATA is reassembled by ``dimse.MessageAssembler`` and handed to
+the role-specific subclass as whole commands and streamed dataset fragments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from protocol.connection import (
+    Aborted,
+    AssociateAccepted,
+    AssociateRejected,
+    AssociateRequested,
+    Closed,
+    Connection,
+    PDataReceived,
+    ReleaseConfirmed,
+    ReleaseRequested,
+    Role,
+)
+from protocol.dimse import (
+    CommandReceived,
+    DatasetFragment,
+    Message,
+    MessageAssembler,
+    encode_command,
+    fragment,
+)
+from protocol.errors import AbortSource, AssociationAborted, DIMSEError, ProtocolError
+from protocol.limits import Limits
+
+log = logging.getLogger(__name__)
+
+_association_ids = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Deadlines in seconds (None = wait forever, never the default for a peer's input)."""
+
+    connect: float | None = 30.0  # TCP connect (SCU)
+    acse: float | None = 30.0  # A-ASSOCIATE-AC/RJ and A-RELEASE-RP (SCU)
+    dimse: float | None = 60.0  # a DIMSE response (SCU)
+    artim: float = 30.0  # PS3.8 9.1.5: first PDU after connect, and Sta13 before close
+    idle: float | None = 300.0  # no PDU at all on an established association
+    write: float | None = 60.0  # a peer that stops reading (zero window) holds no slot
+
+
+@dataclass(slots=True)
+class AssociationInfo:
+    """What the application may know about an association (no protocol state)."""
+
+    association_id: int
+    peer_host: str
+    peer_port: int
+    calling_ae: str = ""
+    called_ae: str = ""
+    # context id -> (abstract syntax, transfer syntax)
+    contexts: dict[int, tuple[str, str]] = field(default_factory=dict)
+    peer_max_pdu_length: int = 0
+    username: str | None = None
+
+    @property
+    def peer(self) -> str:
+        return f"{self.peer_host}:{self.peer_port}"
+
+
+class AssociationProtocol(asyncio.Protocol):
+    """Base of the SCP and SCU association drivers."""
+
+    role: Role
+
+    def __init__(self, limits: Limits, timeouts: Timeouts) -> None:
+        self.limits = limits
+        self.timeouts = timeouts
+        self.conn = Connection(self.role, limits)
+        self.assembler = MessageAssembler(limits)
+        self.transport: asyncio.Transport | None = None
+        self.info = AssociationInfo(next(_association_ids), "", 0)
+        self.closed = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self._artim: asyncio.TimerHandle | None = None
+        self._idle: asyncio.TimerHandle | None = None
+        self._write_deadline: asyncio.TimerHandle | None = None
+        self._writable: asyncio.Future[None] | None = None
+        self._abort_reported = False
+
+    # -- asyncio.Protocol -------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # DESIGN §2: without TCP_NODELAY each DIMSE exchange waits on Nagle + delayed ACK.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername") or ("", 0)
+        self.info.peer_host, self.info.peer_port = str(peer[0]), int(peer[1])
+        self.conn.transport_connected()
+        self._flush()
+        self._touch_idle()
+
+    def data_received(self, data: bytes) -> None:
+        self._touch_idle()
+        events = self.conn.receive_data(data)
+        self._flush()
+        for event in events:
+            self._dispatch(event)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        events = self.conn.connection_lost()
+        for event in events:
+            self._dispatch(event)
+        self._cancel_timers()
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_exception(ConnectionResetError("connection lost"))
+        self.on_closed()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._writable is None or self._writable.done():
+            self._writable = self._loop.create_future()
+        if self.timeouts.write is not None:
+            self._write_deadline = self._loop.call_later(self.timeouts.write, self._write_stalled)
+
+    def resume_writing(self) -> None:
+        if self._write_deadline is not None:
+            self._write_deadline.cancel()
+            self._write_deadline = None
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    # -- sending ----------------------------------------------------------------------
+    def send_message(
+        self, context_id: int, message: Message, dataset: bytes | memoryview | None = None
+    ) -> None:
+        """Queue a command (and a dataset held in memory) on the association."""
+        max_pdu = self.conn.peer_max_pdu_length
+        buffers = fragment(context_id, encode_command(message), True, max_pdu)
+        if dataset is not None:
+            buffers += fragment(context_id, dataset, False, max_pdu)
+        self.conn.send_pdata(buffers)
+        self._flush()
+
+    def send_buffers(self, buffers: Sequence[bytes | memoryview]) -> None:
+        """Queue already-fragmented P-DATA-TF PDUs (a streamed dataset)."""
+        self.conn.send_pdata(list(buffers))
+        self._flush()
+
+    async def drain(self) -> None:
+        """Wait until the transport's write buffer is below its high-water mark."""
+        if self._writable is not None and not self._writable.done():
+            await self._writable
+
+    def abort(self, source: int = AbortSource.SERVICE_USER, reason: int = 0) -> None:
+        """A-ABORT (Evt15 -> AA-1) and close."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        # In a state with no association to abort (Table 9-10 has no Evt15 cell) the
+        # connection refuses; closing below is then all there is to do.
+        with contextlib.suppress(ProtocolError):
+            self.conn.abort(source, reason)
+        self._flush()
+        if not self.transport.is_closing():
+            # AA-1 leaves the connection in Sta13 waiting for the peer to close; we do not
+            # hold the socket for a peer we are aborting (PS3.8 9.2.2 permits the close).
+            self.transport.close()
+
+    def _flush(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        buffers = self.conn.data_to_send()
+        if buffers and not transport.is_closing():
+            transport.writelines(buffers)
+        self._sync_artim()
+        if self.conn.should_close and not transport.is_closing():
+            transport.close()
+
+    # -- events -----------------------------------------------------------------------
+    def _dispatch(self, event: object) -> None:
+        if isinstance(event, PDataReceived):
+            self._on_pdata(event)
+        elif isinstance(event, AssociateRequested):
+            self.on_associate_request(event)
+        elif isinstance(event, AssociateAccepted):
+            self.on_associate_accepted(event)
+        elif isinstance(event, AssociateRejected):
+            self.on_associate_rejected(event)
+        elif isinstance(event, ReleaseRequested):
+            self.on_release_requested(event)
+        elif isinstance(event, ReleaseConfirmed):
+            self.on_release_confirmed()
+        elif isinstance(event, Aborted):
+            self._report_abort(event)
+            self.on_aborted(event)
+        elif isinstance(event, Closed) and self.transport is not None:
+            self.transport.close()
+
+    def _on_pdata(self, event: PDataReceived) -> None:
+        try:
+            for pdv in event.pdu.pdvs:
+                for item in self.assembler.feed(pdv):
+                    if isinstance(item, DatasetFragment):
+                        self.on_dataset_fragment(item)
+                    elif isinstance(item, CommandReceived):
+                        self.on_command(item)
+        except DIMSEError as exc:
+            # Catalogue ABORT-U: a violation above the Upper Layer is a user abort (Evt15).
+            log.warning("%s: DIMSE violation, aborting: %s", self.info.peer, exc)
+            self.on_aborted(Aborted(AbortSource.SERVICE_USER, 0, True, exc))
+            self.abort()
+
+    def _report_abort(self, event: Aborted) -> None:
+        if self._abort_reported:
+            return
+        self._abort_reported = True
+        if event.local:
+            log.warning(
+                "%s: aborted (source %d, reason %d): %s",
+                self.info.peer,
+                event.source,
+                event.reason,
+                event.error,
+            )
+        else:
+            log.info(
+                "%s: peer aborted (source %d, reason %d)",
+                self.info.peer,
+                event.source,
+                event.reason,
+            )
+
+    # -- timers -----------------------------------------------------------------------
+    def _sync_artim(self) -> None:
+        running = self.conn.artim_running
+        if running and self._artim is None:
+            self._artim = self._loop.call_later(self.timeouts.artim, self._artim_expired)
+        elif not running and self._artim is not None:
+            self._artim.cancel()
+            self._artim = None
+
+    def _artim_expired(self) -> None:
+        self._artim = None
+        log.info("%s: ARTIM timer expired", self.info.peer or "peer")
+        for event in self.conn.timer_expired():
+            self._dispatch(event)
+        self._flush()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _touch_idle(self) -> None:
+        if self.timeouts.idle is None:
+            return
+        if self._idle is not None:
+            self._idle.cancel()
+        self._idle = self._loop.call_later(self.timeouts.idle, self._idle_expired)
+
+    def _idle_expired(self) -> None:
+        self._idle = None
+        log.warning("%s: no data for %.0f s, aborting", self.info.peer, self.timeouts.idle or 0)
+        self.on_aborted(
+            Aborted(AbortSource.SERVICE_USER, 0, True, AssociationAborted(0, 0, "idle timeout"))
+        )
+        self.abort()
+
+    def _write_stalled(self) -> None:
+        self._write_deadline = None
+        log.warning(
+            "%s: peer stopped reading for %.0f s, aborting",
+            self.info.peer,
+            self.timeouts.write or 0,
+        )
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _cancel_timers(self) -> None:
+        for handle in (self._artim, self._idle, self._write_deadline):
+            if handle is not None:
+                handle.cancel()
+        self._artim = self._idle = self._write_deadline = None
+
+    # -- hooks for the roles ----------------------------------------------------------
+    def on_associate_request(self, event: AssociateRequested) -> None:
+        raise NotImplementedError
+
+    def on_associate_accepted(self, event: AssociateAccepted) -> None:
+        raise NotImplementedError
+
+    def on_associate_rejected(self, event: AssociateRejected) -> None:
+        raise NotImplementedError
+
+    def on_command(self, event: CommandReceived) -> None:
+        raise NotImplementedError
+
+    def on_dataset_fragment(self, event: DatasetFragment) -> None:
+        raise NotImplementedError
+
+    def on_release_requested(self, event: ReleaseRequested) -> None:
+        raise NotImplementedError
+
+    def on_release_confirmed(self) -> None:
+        raise NotImplementedError
+
+    def on_aborted(self, event: Aborted) -> None:
+        """The association ended abnormally (peer A-ABORT, provider abort, lost link)."""
+
+    def on_closed(self) -> None:
+        """The transport is closed; release every resource held for the association."""
