@@ -338,9 +338,7 @@ def test_SM_08_release_collision_ends_released_on_both_sides(first: str) -> None
 
 
 def test_SM_08_manual_collision_response() -> None:
-    pair = ConnectionPair()
-    pair.associate()
-    r = pair.requestor = Connection(Role.REQUESTOR, auto_collision_response=False)
+    r = Connection(Role.REQUESTOR, auto_collision_response=False)
     r.request_association(RQ)
     r.transport_connected()
     r.receive_data(AC.encode())
@@ -487,6 +485,14 @@ def test_MP_14_protocol_version_without_bit_0_is_rejected() -> None:
     assert conn.receive_data(_rq_with_version(0)) == []  # AE-6 "otherwise": no indication
     assert drain(conn) == bytes.fromhex("03 00 00000004 00 01 02 02")  # RJ (1, 2, 2)
     assert conn.state is State.Sta13 and conn.artim_running
+
+
+def test_empty_application_context_name_is_refused_by_the_provider() -> None:
+    conn = acceptor_in_sta2()
+    rq = AAssociateRQ("ROUTER", "MODALITY", RQ.presentation_contexts, RQ.user_information, "")
+    assert conn.receive_data(rq.encode()) == []  # AE-6 "not acceptable": RJ (1, 2, 1)
+    assert drain(conn) == bytes.fromhex("03 00 00000004 00 01 02 01")
+    assert conn.state is State.Sta13
 
 
 @pytest.mark.parametrize("version", [0x0003, 0x8001])
