@@ -146,6 +146,8 @@ class SCPAssociation(AssociationProtocol):
         raise AssertionError("an acceptor never receives A-ASSOCIATE-RJ events")
 
     def on_release_requested(self, event: ReleaseRequested) -> None:
+        if event.collision:
+            return  # PS3.8 AR-8..AR-10: the connection answers a release collision itself
         if self._sink is not None or self._pending_finish is not None:
             # Catalogue SM-18: a release in the middle of a message is not a release.
             log.warning("%s: A-RELEASE-RQ with a message in progress, aborting", self.info.peer)
