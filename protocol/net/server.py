@@ -14,7 +14,7 @@ import asyncio
 import logging
 import ssl as ssl_module
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -39,7 +39,7 @@ from protocol.dimse import (
 from protocol.errors import DIMSEError
 from protocol.limits import Limits
 from protocol.net.association import AssociationInfo, AssociationProtocol, Timeouts
-from protocol.pdu import AAssociateAC, AAssociateRJ
+from protocol.pdu import AAssociateAC, AAssociateRJ, AAssociateRQ
 from protocol.status import (
     CANNOT_UNDERSTAND,
     OUT_OF_RESOURCES,
@@ -76,6 +76,11 @@ class ServiceHandler(Protocol):
     ) -> StoreSink | StoreOutcome: ...
 
 
+#: Decides, before negotiation, whether a peer may associate at all (e.g. known calling
+#: AE titles pinned to addresses); returns the A-ASSOCIATE-RJ to send, or None.
+AdmitHook = Callable[[AssociationInfo, AAssociateRQ], AAssociateRJ | None]
+
+
 class _Refused:
     """Sink for a dataset whose C-STORE was already refused: reads and drops it."""
 
@@ -109,7 +114,10 @@ class SCPAssociation(AssociationProtocol):
         rq = event.rq
         self.info.calling_ae, self.info.called_ae = rq.calling_ae, rq.called_ae
         reply: AAssociateAC | AAssociateRJ
-        if not self.server.has_room(rq.calling_ae):
+        refusal = self.server.admit(self.info, rq) if self.server.admit else None
+        if refusal is not None:
+            reply = refusal
+        elif not self.server.has_room(rq.calling_ae):
             reply = reject_for_limit()
         else:
             reply = negotiate_as_acceptor(rq, self.server.policy, self.limits)
@@ -296,8 +304,10 @@ class SCPServer:
         policy: AcceptorPolicy,
         limits: Limits | None = None,
         timeouts: Timeouts | None = None,
+        admit: AdmitHook | None = None,
     ) -> None:
         self.handler = handler
+        self.admit = admit
         self.policy = policy
         self.limits = limits or Limits()
         self.timeouts = timeouts or Timeouts()
@@ -374,8 +384,9 @@ async def start_server(
     timeouts: Timeouts | None = None,
     ssl: ssl_module.SSLContext | None = None,
     reuse_port: bool = False,
+    admit: AdmitHook | None = None,
 ) -> SCPServer:
     """Start an SCP and return it once it listens (``port`` 0 picks a free port)."""
-    server = SCPServer(handler, policy, limits, timeouts)
+    server = SCPServer(handler, policy, limits, timeouts, admit)
     await server.start(host, port, ssl=ssl, reuse_port=reuse_port)
     return server
