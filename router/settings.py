@@ -1,0 +1,241 @@
+"""The node's settings: defaults <- TOML file <- environment <- command-line flags.
+
+One ``Settings`` object is built at the edge (the CLI) and passed down; nothing reads the
+environment or a file anywhere else (DESIGN §9). Every key can be set from the
+environment as ``DICOM_ROUTER_<SECTION>_<KEY>`` (DESIGN §7), e.g.
+``DICOM_ROUTER_LISTENER_PORT=11113``; ``DICOM_ROUTER_DATA_DIR`` and ``DICOM_ROUTER_DB``
+are the two top-level ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used, with the place it came from."""
+
+
+@dataclass(frozen=True)
+class ListenerSettings:
+    ae_title: str = "ROUTER"
+    bind: str = "0.0.0.0"
+    port: int = 11112
+    processes: int = 1
+    # "any": every calling AE title (with a start-up warning); "known": the sources table.
+    accept: str = "any"
+    check_called_ae: bool = True
+    max_associations: int = 64
+    max_associations_per_calling_ae: int = 16
+    max_pdu_length: int = 262_144
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    idle_timeout: float = 300.0
+    # "unrouted": keep an instance no rule matched and log a warning; "reject": refuse it.
+    unrouted_policy: str = "unrouted"
+    # The longest a finished instance waits for the next group commit (seconds).
+    group_commit_window: float = 0.002
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    tls_require_client_cert: bool = False
+
+
+@dataclass(frozen=True)
+class SpoolSettings:
+    # Refuse new instances (0xA700) when free space on the spool would fall below this.
+    min_free_bytes: int = 1 << 30
+    # Refuse new instances when the spool holds more than this (0 = no limit).
+    max_bytes: int = 0
+    fsync: bool = True
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = Path("dicom-router-data")
+    db: str = ""  # empty: SQLite in the data directory
+    listener: ListenerSettings = field(default_factory=ListenerSettings)
+    spool: SpoolSettings = field(default_factory=SpoolSettings)
+
+    @property
+    def database_url(self) -> str:
+        if self.db:
+            return self.db
+        return f"sqlite:///{(self.data_dir / 'router.sqlite').resolve()}"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def config_path(self) -> Path:
+        return self.data_dir / "config.toml"
+
+
+_SECTIONS = {"listener": ListenerSettings, "spool": SpoolSettings}
+_CHOICES = {
+    ("listener", "accept"): ("any", "known"),
+    ("listener", "unrouted_policy"): ("unrouted", "reject"),
+}
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings. ``overrides`` maps "section.key" (or "data_dir"/"db") to values
+    from command-line flags; ``None`` values are ignored."""
+    env = os.environ if environ is None else environ
+    config_file = config_file or env.get("DICOM_ROUTER_CONFIG") or None
+    settings = Settings()
+    data: dict[str, Any] = {}
+    if config_file:
+        data = _read_toml(Path(config_file))
+    elif (
+        default := Path(env.get("DICOM_ROUTER_DATA_DIR", settings.data_dir)) / "config.toml"
+    ).is_file():
+        data = _read_toml(default)
+    settings = _apply(settings, data, f"config file {config_file or 'config.toml'}")
+    settings = _apply(settings, _from_environment(env), "the environment")
+    settings = _apply(settings, _nest(overrides or {}), "the command line")
+    _validate(settings)
+    return settings
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise SettingsError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _from_environment(env: Mapping[str, str]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    if "DICOM_ROUTER_DATA_DIR" in env:
+        data["data_dir"] = env["DICOM_ROUTER_DATA_DIR"]
+    if "DICOM_ROUTER_DB" in env:
+        data["db"] = env["DICOM_ROUTER_DB"]
+    for section, kind in _SECTIONS.items():
+        for f in fields(kind):
+            name = f"DICOM_ROUTER_{section.upper()}_{f.name.upper()}"
+            if name in env:
+                data.setdefault(section, {})[f.name] = env[name]
+    return data
+
+
+def _nest(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        section, _, name = key.partition(".")
+        if name:
+            data.setdefault(section, {})[name] = value
+        else:
+            data[section] = value
+    return data
+
+
+def _apply(settings: Settings, data: Mapping[str, Any], origin: str) -> Settings:
+    changes: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _SECTIONS:
+            if not isinstance(value, Mapping):
+                raise SettingsError(f"[{key}] in {origin} must be a table")
+            changes[key] = _apply_section(getattr(settings, key), key, value, origin)
+        elif key == "data_dir":
+            changes[key] = Path(str(value))
+        elif key == "db":
+            changes[key] = str(value)
+        else:
+            raise SettingsError(f"unknown setting {key!r} in {origin}")
+    return replace(settings, **changes)
+
+
+def _apply_section(current: Any, section: str, values: Mapping[str, Any], origin: str) -> Any:
+    hints = get_type_hints(type(current))
+    known = {f.name for f in dataclasses.fields(current)}
+    changes = {}
+    for key, value in values.items():
+        if key not in known:
+            raise SettingsError(f"unknown setting {section}.{key} in {origin}")
+        changes[key] = _coerce(value, hints[key], f"{section}.{key}", origin)
+    return replace(current, **changes)
+
+
+def _coerce(value: Any, kind: Any, name: str, origin: str) -> Any:
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if kind is int:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if kind is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise SettingsError(
+            f"{name} from {origin}: {value!r} is not a valid {kind.__name__}"
+        ) from None
+
+
+def _validate(settings: Settings) -> None:
+    listener = settings.listener
+    for (section, key), choices in _CHOICES.items():
+        value = getattr(getattr(settings, section), key)
+        if value not in choices:
+            raise SettingsError(
+                f"{section}.{key} must be one of {', '.join(choices)}, not {value!r}"
+            )
+    if not 0 <= listener.port <= 65535:
+        raise SettingsError(f"listener.port {listener.port} is out of range 0-65535")
+    if not listener.ae_title.strip() or len(listener.ae_title) > 16:
+        raise SettingsError(f"listener.ae_title {listener.ae_title!r} must be 1-16 characters")
+    for name in ("processes", "max_associations", "max_associations_per_calling_ae"):
+        if getattr(listener, name) < 1:
+            raise SettingsError(f"listener.{name} must be at least 1")
+    if listener.max_pdu_length != 0 and listener.max_pdu_length < 4096:
+        raise SettingsError("listener.max_pdu_length must be 0 (unlimited) or at least 4096")
+    if bool(listener.tls_cert) != bool(listener.tls_key):
+        raise SettingsError("listener.tls_cert and listener.tls_key go together")
+
+
+def render_default_config() -> str:
+    """The commented config.toml that ``dicom-router init`` writes."""
+    lines = [
+        "# dicom-router settings; every key can also come from DICOM_ROUTER_<SECTION>_<KEY>.",
+        "",
+    ]
+    for section, kind in _SECTIONS.items():
+        lines.append(f"[{section}]")
+        for f in fields(kind):
+            default = f.default
+            lines.append(f"# {f.name} = {_toml_value(default)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value)
