@@ -8,7 +8,8 @@ length such as ``GET `` read as a header is refused, never allocated.
 Copies: a PDU that arrives whole inside one ``feed`` is returned as a memoryview into
 that (immutable) chunk, with no copy; a PDU split across feeds is assembled into a
 bytearray of exactly its length, allocated once and never resized, so each body byte is
-copied once and the returned view stays valid whatever is fed later. Feeding one byte
+copied once and the returned view stays valid whatever is fed later (bodies over 4 MiB,
+possible only with no P-DATA limit, grow as their bytes arrive instead). Feeding one byte
 at a time therefore costs O(1) per byte, and many PDUs in one feed cost O(1) each.
 """
 
@@ -32,6 +33,7 @@ _NAMES = {
     7: "A-ABORT",
 }
 _EMPTY = memoryview(b"")
+_PREALLOCATE_MAX = 4 << 20  # larger bodies are not allocated ahead of their bytes
 
 
 class PDUReader:
@@ -45,6 +47,7 @@ class PDUReader:
 
     __slots__ = (
         "_body",
+        "_body_length",
         "_body_type",
         "_chunks",
         "_error",
@@ -62,6 +65,7 @@ class PDUReader:
         self._pos = 0  # read offset into self._chunks[0]
         self._header = bytearray()  # a header split across feeds (< 6 bytes)
         self._body: bytearray | None = None  # a body split across feeds, being filled
+        self._body_length = 0
         self._body_type = 0
         self._filled = 0
         self._error: PDUDecodeError | None = None
@@ -116,13 +120,16 @@ class PDUReader:
             body = self._body
             if body is not None:
                 # Continue a body split across feeds: copy what this chunk holds of it.
-                take = min(avail, len(body) - self._filled)
-                memoryview(body)[self._filled : self._filled + take] = memoryview(chunk)[
-                    pos : pos + take
-                ]
-                self._filled += take
+                filled = self._filled
+                take = min(avail, self._body_length - filled)
+                piece = memoryview(chunk)[pos : pos + take]
+                if len(body) == self._body_length:
+                    body[filled : filled + take] = piece
+                else:
+                    body += piece
+                self._filled = filled + take
                 self._pos = pos + take
-                if self._filled == len(body):
+                if self._filled == self._body_length:
                     self._body = None
                     return self._body_type, memoryview(body)
                 continue
@@ -153,8 +160,11 @@ class PDUReader:
         return None
 
     def _start_body(self, pdu_type: int, length: int) -> None:
-        # Allocated only after _check() bounded ``length`` by a configured limit.
-        self._body = bytearray(length)
+        # _check() has bounded ``length`` by a configured limit; still, past
+        # _PREALLOCATE_MAX (reachable only with "no limit") the buffer grows as bytes
+        # arrive instead of trusting the announced length (catalogue MP-01).
+        self._body = bytearray(length) if length <= _PREALLOCATE_MAX else bytearray()
+        self._body_length = length
         self._body_type = pdu_type
         self._filled = 0
 
