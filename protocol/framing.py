@@ -80,13 +80,14 @@ class PDUReader:
 
     @property
     def in_progress(self) -> bool:
-        """True while part of a PDU is buffered (for the per-PDU read deadline)."""
-        return bool(self._header) or self._body is not None or self.buffered > 0
+        """True while bytes of an unfinished PDU are held (for the per-PDU read deadline).
 
-    @property
-    def buffered(self) -> int:
-        """Bytes fed but not yet consumed into a returned PDU or a body buffer."""
-        return sum(len(c) for c in self._chunks) - self._pos
+        Meaningful after ``next_pdu()`` returned None: fed bytes not parsed yet count too.
+        """
+        if self._header or self._body is not None:
+            return True
+        chunks = self._chunks
+        return len(chunks) > 1 or (bool(chunks) and self._pos < len(chunks[0]))
 
     def feed(self, data: bytes) -> None:
         """Queue received bytes; nothing is parsed until ``next_pdu()``."""
