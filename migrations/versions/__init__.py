@@ -1,0 +1,1 @@
+"""Alembic revisions of dicom-router (``<rev>_<slug>.py``; Alembic skips this file)."""

@@ -1,0 +1,136 @@
+"""Engines and sessions: the one place that knows how to talk to SQLite and PostgreSQL.
+
+SQLite (the default, one file in the data directory) is shared by several processes, so
+every connection gets, before anything else runs on it:
+
+- ``journal_mode=WAL``: readers never block the writer and the writer never blocks them;
+- ``synchronous=FULL``: a commit is on disk when it returns (DESIGN §3.1: the C-STORE
+  success is sent only after it) — WAL's default ``NORMAL`` could lose the last commits
+  on power loss;
+- ``foreign_keys=ON``: SQLite ignores foreign keys unless asked, per connection;
+- ``busy_timeout=10000``: wait up to 10 s for another process's write lock.
+
+Transactions: the ``sqlite3`` module's legacy transaction control emits no BEGIN before a
+SELECT or DDL, so SQLAlchemy's documented recipe is used instead (``isolation_level =
+None`` on the DBAPI connection and our own BEGIN in the ``begin`` event; SQLAlchemy docs,
+"Transactions with SQLite and the sqlite3 driver"). A write transaction begins with
+``BEGIN IMMEDIATE``: a deferred transaction that reads and then writes must upgrade its
+lock, and in WAL mode that upgrade fails at once with SQLITE_BUSY (the busy timeout does
+not apply) when another process wrote in between. Taking the write lock at BEGIN makes
+the busy timeout cover every wait. Sessions from ``make_session_factory(engine,
+write=True)`` do that; read-only ones begin a plain deferred transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import ConnectionPoolEntry
+
+log = logging.getLogger(__name__)
+
+#: The SQLite file inside the node's data directory (the same name as Settings uses).
+SQLITE_FILENAME = "router.sqlite"
+BUSY_TIMEOUT_MS = 10_000
+#: Execution option set on the engine behind write sessions: BEGIN IMMEDIATE on SQLite.
+WRITE_OPTION = "dicom_router_write"
+
+
+def sqlite_pragmas(*, foreign_keys: bool = True) -> tuple[str, ...]:
+    """The statements run on every new SQLite connection."""
+    return (
+        "PRAGMA journal_mode=WAL",
+        "PRAGMA synchronous=FULL",
+        f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}",
+        f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}",
+    )
+
+
+def sqlite_url_for(data_dir: str | Path) -> str:
+    """The URL of the node's SQLite database in ``data_dir`` (absolute)."""
+    return f"sqlite:///{(Path(data_dir) / SQLITE_FILENAME).resolve()}"
+
+
+def sqlite_path(url: str | URL) -> Path | None:
+    """The file of a SQLite URL, or None for another database or an in-memory one."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    database = parsed.database or ""
+    if database in ("", ":memory:") or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def redacted(url: str | URL) -> str:
+    """The URL with its password hidden, for logs and messages."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def make_engine(url: str | URL, *, foreign_keys: bool = True, **kwargs: Any) -> Engine:
+    """An engine for ``url`` with the settings above applied to every new connection.
+
+    ``foreign_keys=False`` is for migrations only: SQLite's batch mode copies and drops
+    tables, which foreign-key enforcement would turn into cascades or failures.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        kwargs.setdefault("connect_args", {}).setdefault("timeout", BUSY_TIMEOUT_MS / 1000)
+        engine = create_engine(parsed, **kwargs)
+        _configure_sqlite(engine, foreign_keys=foreign_keys)
+        return engine
+    if parsed.get_backend_name() == "postgresql":
+        kwargs.setdefault("pool_pre_ping", True)
+        engine = create_engine(parsed, **kwargs)
+        _configure_postgresql(engine)
+        return engine
+    return create_engine(parsed, **kwargs)
+
+
+def make_session_factory(engine: Engine, *, write: bool = False) -> sessionmaker[Session]:
+    """Sessions on ``engine``; ``write=True`` ones take SQLite's write lock at BEGIN.
+
+    ``expire_on_commit=False``: the repository turns rows into frozen values after the
+    commit, and must not reload every attribute to do it.
+    """
+    bind = engine.execution_options(**{WRITE_OPTION: True}) if write else engine
+    return sessionmaker(bind=bind, expire_on_commit=False)
+
+
+def _configure_sqlite(engine: Engine, *, foreign_keys: bool) -> None:
+    pragmas = sqlite_pragmas(foreign_keys=foreign_keys)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        # No implicit BEGIN from the driver: SQLAlchemy's begin event below emits it.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            for pragma in pragmas:
+                cursor.execute(pragma)
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        write = conn.get_execution_options().get(WRITE_OPTION, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def _configure_postgresql(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        # The default, made explicit: a commit returns once it is durable (DESIGN §3.1).
+        autocommit = dbapi_connection.autocommit
+        dbapi_connection.autocommit = True
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("SET synchronous_commit TO on")
+        finally:
+            cursor.close()
+            dbapi_connection.autocommit = autocommit
