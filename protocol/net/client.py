@@ -48,7 +48,7 @@ from protocol.limits import Limits
 from protocol.net.association import AssociationProtocol, Timeouts
 from protocol.part10 import read_part10
 from protocol.pdu import AAssociateRQ
-from protocol.uids import VERIFICATION
+from protocol.uids import DEFLATED_EXPLICIT_VR_LE, VERIFICATION
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,9 @@ class _SCUProtocol(AssociationProtocol):
         for future in (self.established, self.response, self.released):
             if future is not None and not future.done():
                 future.set_exception(self.failure)
+                # Nobody may be waiting on this future (a release never asked for): the
+                # caller learns of the failure from the call it is in, so mark it seen.
+                future.exception()
 
 
 class Association:
@@ -211,6 +214,10 @@ class Association:
                 if length <= _WHOLE_READ_LIMIT:
                     f.seek(meta.dataset_offset)
                     dataset = f.read(length)
+                    if len(dataset) % 2 and meta.transfer_syntax == DEFLATED_EXPLICIT_VR_LE:
+                        # PS3.5 A.5: a deflated stream is padded to even length with a
+                        # NUL; some writers omit it and strict peers abort on odd PDVs.
+                        dataset += b"\0"
                     response = await self._exchange(context_id, request, dataset)
                 else:
                     response = await self._exchange_streamed(
