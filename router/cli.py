@@ -1,0 +1,545 @@
+"""``dicom-router``: thin commands over settings, repository, rules and the listener.
+
+Human-readable tables by default, ``--json`` for scripts; exit status 0, or 1 with one
+line on stderr saying what was wrong (DESIGN §7). Heavy imports stay inside commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from router.settings import Settings, SettingsError, load_settings, render_default_config
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Fail(click.ClickException):
+    """One line on stderr and exit status 1."""
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+def _fail(message: str) -> NoReturn:
+    raise Fail(message)
+
+
+def json_option(func: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")(func)
+
+
+def _emit(as_json: bool, rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str) -> None:
+    if as_json:
+        click.echo(json.dumps(list(rows), indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(_cell(row.get(column)) for column in columns))
+    Console().print(table)
+
+
+def _emit_one(as_json: bool, row: dict[str, Any], message: str) -> None:
+    click.echo(json.dumps(row, indent=2, default=str) if as_json else message)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+class Context:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._repository: Any = None
+
+    def repository(self) -> Any:
+        if self._repository is None:
+            from router.db.engine import make_engine
+            from router.db.migrate import SchemaError, check_schema
+            from router.db.repository import Repository
+
+            engine = make_engine(self.settings.database_url)
+            try:
+                check_schema(engine)
+            except SchemaError as exc:
+                _fail(str(exc))
+            self._repository = Repository(engine)
+        return self._repository
+
+
+pass_context = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", type=click.Path(dir_okay=False), help="TOML settings file")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="data directory (database, spool)")
+@click.option("--db", "db_url", help="database URL (default: SQLite in the data directory)")
+@click.option("-v", "--verbose", count=True, help="-v info, -vv debug")
+@click.version_option(package_name="dicom-router")
+@click.pass_context
+def main(ctx: click.Context, config: str | None, data_dir: str | None, db_url: str | None, verbose: int) -> None:
+    """A durable DICOM routing node."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings(config, overrides={"data_dir": data_dir, "db": db_url})
+    except SettingsError as exc:
+        _fail(str(exc))
+    ctx.obj = Context(settings)
+
+
+# -- init, db, serve -----------------------------------------------------------------------
+@main.command()
+@pass_context
+def init(context: Context) -> None:
+    """Create the data directory, the spool and the database at the latest schema."""
+    from router.db.migrate import upgrade
+    from router.spool import Spool
+
+    settings = context.settings
+    settings.data_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+    Spool(settings.spool_dir, settings.spool).create_layout()
+    if not settings.config_path.exists():
+        settings.config_path.write_text(render_default_config())
+    upgrade(settings.database_url)
+    click.echo(f"initialised {settings.data_dir} (database {_safe_url(settings.database_url)})")
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@pass_context
+def db_upgrade(context: Context) -> None:
+    """Upgrade the database to the latest schema (a SQLite file is backed up first)."""
+    from router.db.migrate import upgrade
+
+    upgrade(context.settings.database_url)
+    click.echo("database is at the latest schema")
+
+
+@main.command()
+@click.option("--aet", help="our AE title")
+@click.option("--port", type=click.IntRange(0, 65535), help="DICOM port")
+@click.option("--bind", help="address to listen on")
+@click.option("--listeners", type=click.IntRange(1, 64), help="listener processes")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False))
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False))
+@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False))
+@click.option("--tls-require-client-cert", is_flag=True, default=None)
+@click.pass_context
+def serve(ctx: click.Context, **flags: Any) -> None:
+    """Run the node: recover the spool, then accept associations until SIGTERM/SIGINT."""
+    from router.node import serve as serve_node
+
+    context: Context = ctx.obj
+    keys = {
+        "aet": "listener.ae_title",
+        "port": "listener.port",
+        "bind": "listener.bind",
+        "listeners": "listener.processes",
+        "tls_cert": "listener.tls_cert",
+        "tls_key": "listener.tls_key",
+        "tls_ca": "listener.tls_ca",
+        "tls_require_client_cert": "listener.tls_require_client_cert",
+    }
+    overrides = {keys[name]: value for name, value in flags.items() if value is not None}
+    overrides["data_dir"] = str(context.settings.data_dir)
+    overrides["db"] = context.settings.db or None
+    root = ctx.find_root().params
+    try:
+        settings = load_settings(root.get("config"), overrides=overrides)
+    except SettingsError as exc:
+        _fail(str(exc))
+    context.repository()  # refuses an out-of-date schema with a clear message
+    serve_node(settings)
+
+
+# -- destinations ----------------------------------------------------------------------------
+@main.group()
+def destinations() -> None:
+    """Where instances are forwarded."""
+
+
+def _destination_row(d: Any) -> dict[str, Any]:
+    return {
+        "name": d.name,
+        "ae_title": d.ae_title,
+        "host": d.host,
+        "port": d.port,
+        "max_associations": d.max_associations,
+        "max_retries": d.max_retries,
+    }
+
+
+@destinations.command("add")
+@click.argument("name")
+@click.option("--aet", required=True, help="the destination's AE title")
+@click.option("--host", required=True)
+@click.option("--port", required=True, type=click.IntRange(1, 65535))
+@click.option("--max-associations", default=2, show_default=True, type=click.IntRange(1, 64))
+@click.option("--max-retries", default=10, show_default=True, type=click.IntRange(0, 1000))
+@json_option
+@pass_context
+def destinations_add(context: Context, name: str, aet: str, host: str, port: int,
+                     max_associations: int, max_retries: int, as_json: bool) -> None:
+    """Add a destination."""
+    _check_name(name, "destination")
+    _check_ae_title(aet)
+    repo = context.repository()
+    with _repository_errors():
+        destination = repo.add_destination(name, aet, host, port, max_associations=max_associations,
+                                           max_retries=max_retries)
+    _emit_one(as_json, _destination_row(destination), f"added destination {name}")
+
+
+@destinations.command("list")
+@json_option
+@pass_context
+def destinations_list(context: Context, as_json: bool) -> None:
+    """List destinations."""
+    rows = [_destination_row(d) for d in context.repository().list_destinations()]
+    _emit(as_json, rows, ["name", "ae_title", "host", "port", "max_associations", "max_retries"],
+          "destinations")
+
+
+@destinations.command("remove")
+@click.argument("name")
+@json_option
+@pass_context
+def destinations_remove(context: Context, name: str, as_json: bool) -> None:
+    """Remove a destination (refused while a rule sends to it)."""
+    with _repository_errors():
+        context.repository().remove_destination(name)
+    _emit_one(as_json, {"removed": name}, f"removed destination {name}")
+
+
+@destinations.command("echo")
+@click.argument("name")
+@click.option("--aet", "calling_aet", default=None, help="calling AE title (default: the node's)")
+@click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(0.1, 600))
+@json_option
+@pass_context
+def destinations_echo(context: Context, name: str, calling_aet: str | None, timeout: float,
+                      as_json: bool) -> None:
+    """C-ECHO a destination; prints the status and the round-trip time."""
+    from protocol.errors import ProtocolError
+    from protocol.net import ContextRequest, Timeouts, associate
+    from protocol.uids import EXPLICIT_VR_LE, IMPLICIT_VR_LE, VERIFICATION
+
+    with _repository_errors():
+        destination = context.repository().get_destination(name)
+
+    async def echo() -> tuple[int, float]:
+        started = time.perf_counter()
+        assoc = await associate(
+            destination.host, destination.port,
+            [ContextRequest(VERIFICATION, (EXPLICIT_VR_LE, IMPLICIT_VR_LE))],
+            called_ae=destination.ae_title,
+            calling_ae=calling_aet or context.settings.listener.ae_title,
+            timeouts=Timeouts(connect=timeout, acse=timeout, dimse=timeout),
+        )
+        try:
+            status = await assoc.send_c_echo()
+        finally:
+            await assoc.release()
+        return status, time.perf_counter() - started
+
+    try:
+        status, elapsed = asyncio.run(echo())
+    except (ProtocolError, OSError, TimeoutError) as exc:
+        _fail(f"C-ECHO to {name} ({destination.host}:{destination.port}) failed: {exc}")
+    row = {"destination": name, "status": f"0x{status:04X}", "round_trip_ms": round(elapsed * 1000, 1)}
+    _emit_one(as_json, row, f"{name}: status 0x{status:04X} in {elapsed * 1000:.1f} ms")
+    if status != 0:
+        sys.exit(1)
+
+
+# -- rules --------------------------------------------------------------------------------------
+@main.group()
+def rules() -> None:
+    """Routing rules (DESIGN §4)."""
+
+
+def _rule_row(rule: Any) -> dict[str, Any]:
+    return {
+        "name": rule.name,
+        "priority": rule.priority,
+        "enabled": rule.enabled,
+        "stop": rule.stop,
+        "when": [c.text for c in rule.conditions],
+        "to": list(rule.destinations),
+    }
+
+
+@rules.command("add")
+@click.argument("name")
+@click.option("--to", "to", required=True, help="destination names, comma-separated")
+@click.option("--when", "when", multiple=True, help="condition FIELD OP VALUE (all must hold)")
+@click.option("--priority", default=100, show_default=True, type=int, help="lower runs first")
+@click.option("--stop", is_flag=True, help="later rules are not evaluated when this one matches")
+@click.option("--disabled", is_flag=True, help="add the rule disabled")
+@json_option
+@pass_context
+def rules_add(context: Context, name: str, to: str, when: tuple[str, ...], priority: int,
+              stop: bool, disabled: bool, as_json: bool) -> None:
+    """Add a rule, e.g. --when 'Modality == CT' --to pacs."""
+    from router.rules import RuleError, RuleSpec, parse_condition
+
+    _check_name(name, "rule")
+    targets = tuple(t.strip() for t in to.split(",") if t.strip())
+    if not targets:
+        _fail("--to needs at least one destination")
+    try:
+        conditions = tuple(parse_condition(text) for text in when)
+    except RuleError as exc:
+        _fail(f"invalid condition: {exc}")
+    spec = RuleSpec(name, priority, not disabled, stop, conditions, targets)
+    with _repository_errors():
+        context.repository().add_rule(spec)
+    _emit_one(as_json, _rule_row(spec), f"added rule {name}")
+
+
+@rules.command("list")
+@json_option
+@pass_context
+def rules_list(context: Context, as_json: bool) -> None:
+    """List rules in evaluation order."""
+    specs = sorted(context.repository().list_rules(), key=lambda r: (r.priority, r.name))
+    _emit(as_json, [_rule_row(r) for r in specs], ["priority", "name", "enabled", "stop", "when", "to"],
+          "rules")
+
+
+@rules.command("show")
+@click.argument("name")
+@json_option
+@pass_context
+def rules_show(context: Context, name: str, as_json: bool) -> None:
+    """Show one rule."""
+    with _repository_errors():
+        spec = context.repository().get_rule(name)
+    row = _rule_row(spec)
+    if as_json:
+        _emit_one(True, row, "")
+        return
+    for key, value in row.items():
+        click.echo(f"{key:>9}: {_cell(value)}")
+
+
+@rules.command("remove")
+@click.argument("name")
+@json_option
+@pass_context
+def rules_remove(context: Context, name: str, as_json: bool) -> None:
+    """Remove a rule."""
+    with _repository_errors():
+        context.repository().remove_rule(name)
+    _emit_one(as_json, {"removed": name}, f"removed rule {name}")
+
+
+@rules.command("enable")
+@click.argument("name")
+@json_option
+@pass_context
+def rules_enable(context: Context, name: str, as_json: bool) -> None:
+    """Enable a rule."""
+    with _repository_errors():
+        context.repository().set_rule_enabled(name, True)
+    _emit_one(as_json, {"enabled": name}, f"enabled rule {name}")
+
+
+@rules.command("disable")
+@click.argument("name")
+@json_option
+@pass_context
+def rules_disable(context: Context, name: str, as_json: bool) -> None:
+    """Disable a rule."""
+    with _repository_errors():
+        context.repository().set_rule_enabled(name, False)
+    _emit_one(as_json, {"disabled": name}, f"disabled rule {name}")
+
+
+@rules.command("test")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--calling-aet", default="", help="pretend this calling AE title sent the files")
+@click.option("--called-aet", default=None, help="pretend this called AE title (default: ours)")
+@click.option("--peer-address", default="127.0.0.1", help="pretend the files came from here")
+@json_option
+@pass_context
+def rules_test(context: Context, paths: tuple[str, ...], calling_aet: str, called_aet: str | None,
+               peer_address: str, as_json: bool) -> None:
+    """Dry run: which rules each file matches, why the others do not, and where it would go."""
+    from protocol.part10 import NotPart10Error
+    from router.rules import InstanceFacts, RuleSet
+    from router.walker import DatasetError, walk_file
+
+    ruleset = RuleSet.compile(context.repository().list_rules())
+    fallback_note = "unrouted (kept)" if context.settings.listener.unrouted_policy == "unrouted" else "rejected"
+    results = []
+    for path in _iter_paths(paths):
+        entry: dict[str, Any] = {"file": str(path)}
+        try:
+            values = walk_file(path, ruleset.wanted_tags, ruleset.wanted_sequence_tags)
+        except (NotPart10Error, DatasetError, OSError) as exc:
+            entry["error"] = str(exc)
+            results.append(entry)
+            continue
+        facts = InstanceFacts(values, calling_aet, called_aet or context.settings.listener.ae_title,
+                              peer_address)
+        decision = ruleset.match(facts)
+        entry["destinations"] = list(decision.destinations)
+        entry["rules"] = [
+            {"rule": e.rule, "matched": e.matched, "skipped": e.skipped, "failed": e.failed_condition}
+            for e in decision.explanations
+        ]
+        results.append(entry)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for entry in results:
+        click.echo(entry["file"])
+        if "error" in entry:
+            click.echo(f"  cannot read: {entry['error']}")
+            continue
+        for e in entry["rules"]:
+            if e["skipped"]:
+                click.echo(f"  - {e['rule']}: not evaluated")
+            elif e["matched"]:
+                click.echo(f"  + {e['rule']}: matched")
+            else:
+                click.echo(f"  - {e['rule']}: failed at {e['failed']}")
+        target = ", ".join(entry["destinations"]) or fallback_note
+        click.echo(f"  => {target}")
+
+
+def _iter_paths(paths: Iterable[str]) -> Iterable[Path]:
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file())
+        else:
+            yield path
+
+
+# -- sources ------------------------------------------------------------------------------------
+@main.group()
+def sources() -> None:
+    """Known calling AE titles (used when listener.accept = "known")."""
+
+
+@sources.command("add")
+@click.argument("ae_title")
+@click.option("--address", "addresses", multiple=True, help="allowed IP address or CIDR block")
+@json_option
+@pass_context
+def sources_add(context: Context, ae_title: str, addresses: tuple[str, ...], as_json: bool) -> None:
+    """Add a known source, optionally pinned to addresses."""
+    import ipaddress
+
+    _check_ae_title(ae_title)
+    for address in addresses:
+        try:
+            ipaddress.ip_network(address, strict=False)
+        except ValueError:
+            _fail(f"invalid address or CIDR block {address!r}")
+    with _repository_errors():
+        context.repository().add_source(ae_title, list(addresses))
+    _emit_one(as_json, {"ae_title": ae_title, "addresses": list(addresses)}, f"added source {ae_title}")
+
+
+@sources.command("list")
+@json_option
+@pass_context
+def sources_list(context: Context, as_json: bool) -> None:
+    """List known sources."""
+    rows = [{"ae_title": s.ae_title, "addresses": list(s.addresses)}
+            for s in context.repository().list_sources()]
+    _emit(as_json, rows, ["ae_title", "addresses"], "sources")
+
+
+@sources.command("remove")
+@click.argument("ae_title")
+@json_option
+@pass_context
+def sources_remove(context: Context, ae_title: str, as_json: bool) -> None:
+    """Remove a known source."""
+    with _repository_errors():
+        context.repository().remove_source(ae_title)
+    _emit_one(as_json, {"removed": ae_title}, f"removed source {ae_title}")
+
+
+# -- queue ----------------------------------------------------------------------------------------
+@main.group()
+def queue() -> None:
+    """The job queue."""
+
+
+@queue.command("status")
+@json_option
+@pass_context
+def queue_status(context: Context, as_json: bool) -> None:
+    """Jobs per destination and state, and the oldest pending job's age."""
+    from datetime import UTC, datetime
+
+    repo = context.repository()
+    rows = [{"destination": d, "state": s, "count": n} for d, s, n in repo.job_counts()]
+    age = repo.oldest_pending_age(datetime.now(UTC))
+    seconds = None if age is None else round(age.total_seconds(), 1)
+    if as_json:
+        click.echo(json.dumps({"jobs": rows, "oldest_pending_seconds": seconds}, indent=2))
+        return
+    _emit(False, rows, ["destination", "state", "count"], "jobs")
+    click.echo(f"oldest pending job: {'none' if seconds is None else f'{seconds} s'}")
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _check_name(name: str, what: str) -> None:
+    if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
+        _fail(f"invalid {what} name {name!r}: use 1-64 letters, digits, '-', '_' or '.'")
+
+
+def _check_ae_title(aet: str) -> None:
+    if not aet.strip() or len(aet) > 16 or any(c == "\\" or not (" " <= c <= "~") for c in aet):
+        _fail(f"invalid AE title {aet!r}: 1-16 printable characters, no backslash")
+
+
+def _safe_url(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+class _repository_errors:
+    """Turns the repository's typed errors into one-line failures."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None:
+            return False
+        from router.db.repository import RepositoryError
+
+        if isinstance(exc, RepositoryError):
+            _fail(str(exc))
+        return False

@@ -1,0 +1,295 @@
+"""The listener: the node's storage SCP, durable before it answers (DESIGN §3.1).
+
+Per instance, in this order: stream the dataset into a temporary spool file while the
+walker checks every element header and picks out the values the rules read; evaluate
+the rules; fsync the file and rename it into the store; fsync the directory and commit
+the instance row and its job rows (grouped with whatever other associations finished
+meanwhile: group commit); only then answer success. Any failure before the commit
+answers a failure status and leaves neither a file nor a row behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from protocol.dimse import CStoreRQ
+from protocol.net import AssociationInfo, StoreOutcome
+from protocol.net.server import StoreSink
+from protocol.part10 import build_file_meta
+from protocol.status import (
+    CANNOT_UNDERSTAND,
+    DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    OUT_OF_RESOURCES,
+    PROCESSING_FAILURE,
+    SUCCESS,
+)
+from protocol.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, is_valid_uid
+from router.db.repository import NewInstance, Repository
+from router.rules import InstanceFacts, RuleSet
+from router.settings import ListenerSettings
+from router.spool import Spool, SpoolFull, TempFile
+from router.walker import DatasetError, DatasetWalker
+
+log = logging.getLogger(__name__)
+
+SOP_CLASS_UID = 0x00080016
+SOP_INSTANCE_UID = 0x00080018
+STUDY_INSTANCE_UID = 0x0020000D
+_ALWAYS_WANTED = frozenset({SOP_CLASS_UID, SOP_INSTANCE_UID, STUDY_INSTANCE_UID})
+
+
+class RuleCache:
+    """The compiled rules of this process, reloaded when the database's version moves."""
+
+    def __init__(self, repository: Repository, check_interval: float = 1.0) -> None:
+        self._repository = repository
+        self._interval = check_interval
+        self.version = -1
+        self.rules = RuleSet.compile([])
+        self.sources: dict[str, tuple[str, ...]] = {}
+
+    def load(self) -> None:
+        """Blocking: read the version, rules and sources (call from a thread)."""
+        version = self._repository.rules_version()
+        if version != self.version:
+            self.rules = RuleSet.compile(self._repository.list_rules())
+            self.version = version
+            log.info("rules loaded (version %d, %d rules)", version, len(self.rules.rules))
+        self.sources = {s.ae_title: tuple(s.addresses) for s in self._repository.list_sources()}
+
+    async def keep_fresh(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await loop.run_in_executor(None, self.load)
+            except Exception as exc:  # a database hiccup must not stop the listener
+                log.warning("could not reload rules: %s", exc)
+
+
+@dataclass
+class _Pending:
+    record: NewInstance
+    future: asyncio.Future[int]
+
+
+class GroupCommitter:
+    """Commits finished instances in batches: while one batch is being made durable the
+    next one gathers, so concurrent associations share the directory fsync and the
+    database commit; no success is answered before its own batch committed."""
+
+    def __init__(self, repository: Repository, spool: Spool) -> None:
+        self._repository = repository
+        self._spool = spool
+        self._queue: list[_Pending] = []
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def submit(self, record: NewInstance) -> int:
+        """Returns the instance id, or raises what the commit raised."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(record, future))
+        self._wakeup.set()
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            batch, self._queue = self._queue, []
+            if not batch:
+                continue
+            try:
+                results = await loop.run_in_executor(None, self._commit, [p.record for p in batch])
+            except Exception as exc:
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(exc)
+                continue
+            for pending, instance_id in zip(batch, results, strict=True):
+                if not pending.future.done():
+                    pending.future.set_result(instance_id)
+
+    def _commit(self, records: list[NewInstance]) -> list[int]:
+        self._spool.sync_directories(r.spool_name for r in records)
+        results = self._repository.record_instances(records)
+        for record, result in zip(records, results, strict=True):
+            if result.duplicate_of is not None:
+                # Same bytes, same pending jobs: the earlier copy stands (DESIGN §3.1).
+                self._spool.remove(record.spool_name)
+        return [r.instance_id for r in results]
+
+
+class IngestSink:
+    """Receives one C-STORE dataset into the spool; ``finish`` makes it durable."""
+
+    def __init__(
+        self,
+        node: ListenerNode,
+        info: AssociationInfo,
+        request: CStoreRQ,
+        transfer_syntax: str,
+        temp: TempFile,
+    ) -> None:
+        self._node = node
+        self._info = info
+        self._request = request
+        self._transfer_syntax = transfer_syntax
+        self._temp = temp
+        self._rules = node.rules.rules
+        wanted = self._rules.wanted_tags | _ALWAYS_WANTED
+        self._walker = DatasetWalker(transfer_syntax, wanted, self._rules.wanted_sequence_tags)
+        self._digest = hashlib.sha256()
+        self._size = 0
+        self._error: str | None = None
+        meta = build_file_meta(
+            request.affected_sop_class_uid,
+            request.affected_sop_instance_uid,
+            transfer_syntax,
+            IMPLEMENTATION_CLASS_UID,
+            IMPLEMENTATION_VERSION_NAME,
+            source_ae=info.calling_ae,
+        )
+        self._write(meta)
+
+    def _write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.write(self._temp.fd, view)
+            view = view[written:]
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._write(data)
+        self._size += len(data)
+        self._digest.update(data)
+        if self._error is None:
+            try:
+                self._walker.feed(data)
+            except DatasetError as exc:
+                self._error = str(exc)
+
+    def discard(self) -> None:
+        self._node.spool.discard(self._temp)
+
+    async def finish(self) -> StoreOutcome:
+        try:
+            outcome = await self._finish()
+        except asyncio.CancelledError:
+            self.discard()
+            raise
+        except Exception as exc:  # disk or database: refuse, keep nothing (DESIGN §3.1)
+            log.warning("%s: storing failed: %s", self._info.peer, exc)
+            self.discard()
+            return StoreOutcome(OUT_OF_RESOURCES, "the router could not store the instance")
+        if outcome.status != SUCCESS:
+            self.discard()
+        return outcome
+
+    async def _finish(self) -> StoreOutcome:
+        request = self._request
+        if self._error is None:
+            try:
+                values = self._walker.finish()
+            except DatasetError as exc:
+                self._error = str(exc)
+        if self._error is not None:
+            return StoreOutcome(CANNOT_UNDERSTAND, f"cannot parse the data set: {self._error}"[:64])
+        if values.get(SOP_INSTANCE_UID, (request.affected_sop_instance_uid,)) != (
+            request.affected_sop_instance_uid,
+        ) or values.get(SOP_CLASS_UID, (request.affected_sop_class_uid,)) != (
+            request.affected_sop_class_uid,
+        ):
+            # Catalogue DM-09: never store under one UID and route under another.
+            return StoreOutcome(
+                DATASET_DOES_NOT_MATCH_SOP_CLASS, "data set UIDs differ from the command"
+            )
+        facts = InstanceFacts(
+            values, self._info.calling_ae, self._info.called_ae, self._info.peer_host
+        )
+        decision = self._rules.match(facts)
+        destinations = decision.destinations
+        if not destinations and self._node.settings.unrouted_policy == "reject":
+            log.warning(
+                "%s: instance matched no rule; refused (unrouted_policy = reject)", self._info.peer
+            )
+            return StoreOutcome(PROCESSING_FAILURE, "no routing rule matched")
+        if not destinations:
+            log.warning("%s: instance matched no rule; kept as unrouted", self._info.peer)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._node.spool.commit, self._temp)
+        study = values.get(STUDY_INSTANCE_UID, ())
+        record = NewInstance(
+            sop_instance_uid=request.affected_sop_instance_uid,
+            sop_class_uid=request.affected_sop_class_uid,
+            transfer_syntax=self._transfer_syntax,
+            study_instance_uid=study[0] if study else None,
+            calling_aet=self._info.calling_ae,
+            called_aet=self._info.called_ae,
+            peer_address=self._info.peer_host,
+            spool_name=self._temp.spool_name,
+            size=self._size,
+            digest=self._digest.hexdigest(),
+            destinations=tuple(destinations),
+            unrouted=not destinations,
+            priority=request.priority,
+        )
+        await self._node.committer.submit(record)
+        return StoreOutcome(SUCCESS)
+
+
+class ListenerNode:
+    """The ``ServiceHandler`` of the node's SCP."""
+
+    def __init__(
+        self,
+        settings: ListenerSettings,
+        repository: Repository,
+        spool: Spool,
+        rules: RuleCache,
+        committer: GroupCommitter,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.repository = repository
+        self.spool = spool
+        self.rules = rules
+        self.committer = committer
+        self._clock = clock
+
+    def on_echo(self, info: AssociationInfo) -> int:
+        return SUCCESS
+
+    def on_store(
+        self, info: AssociationInfo, request: CStoreRQ, transfer_syntax: str
+    ) -> StoreSink | StoreOutcome:
+        if not is_valid_uid(request.affected_sop_instance_uid):
+            # Catalogue PT-01..PT-06: refuse, whatever the name would have been.
+            return StoreOutcome(CANNOT_UNDERSTAND, "invalid Affected SOP Instance UID")
+        if not is_valid_uid(request.affected_sop_class_uid):
+            return StoreOutcome(CANNOT_UNDERSTAND, "invalid Affected SOP Class UID")
+        try:
+            self.spool.check_room()
+            temp = self.spool.create_temp()
+        except SpoolFull as exc:
+            log.warning("%s: refusing instance: %s", info.peer, exc)
+            return StoreOutcome(OUT_OF_RESOURCES, "the router's spool is full")
+        try:
+            return IngestSink(self, info, request, transfer_syntax, temp)
+        except OSError:
+            self.spool.discard(temp)
+            raise
