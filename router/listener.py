@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from protocol.dimse import CStoreRQ
@@ -76,6 +77,7 @@ class RuleCache:
 @dataclass
 class _Pending:
     record: NewInstance
+    temp: TempFile
     future: asyncio.Future[int]
 
 
@@ -90,6 +92,7 @@ class GroupCommitter:
         self._queue: list[_Pending] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="group-commit")
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
@@ -98,11 +101,13 @@ class GroupCommitter:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        self._executor.shutdown(wait=True)
 
-    async def submit(self, record: NewInstance) -> int:
-        """Returns the instance id, or raises what the commit raised."""
+    async def submit(self, record: NewInstance, temp: TempFile) -> int:
+        """Make ``temp`` durable and record it; returns the instance id, or raises what
+        the commit raised (the caller then discards the file)."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(record, future))
+        self._queue.append(_Pending(record, temp, future))
         self._wakeup.set()
         return await future
 
@@ -115,7 +120,7 @@ class GroupCommitter:
             if not batch:
                 continue
             try:
-                results = await loop.run_in_executor(None, self._commit, [p.record for p in batch])
+                results = await loop.run_in_executor(self._executor, self._commit, batch)
             except Exception as exc:
                 for pending in batch:
                     if not pending.future.done():
@@ -125,7 +130,12 @@ class GroupCommitter:
                 if not pending.future.done():
                     pending.future.set_result(instance_id)
 
-    def _commit(self, records: list[NewInstance]) -> list[int]:
+    def _commit(self, batch: list[_Pending]) -> list[int]:
+        # One thread hand-off per batch: fsync and rename every file, fsync their
+        # directories, then one database transaction (DESIGN §3.1 order).
+        for pending in batch:
+            self._spool.commit(pending.temp)
+        records = [p.record for p in batch]
         self._spool.sync_directories(r.spool_name for r in records)
         results = self._repository.record_instances(records)
         for record, result in zip(records, results, strict=True):
@@ -230,8 +240,6 @@ class IngestSink:
             return StoreOutcome(PROCESSING_FAILURE, "no routing rule matched")
         if not destinations:
             log.warning("%s: instance matched no rule; kept as unrouted", self._info.peer)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self._node.spool.commit, self._temp)
         study = values.get(STUDY_INSTANCE_UID, ())
         record = NewInstance(
             sop_instance_uid=request.affected_sop_instance_uid,
@@ -248,7 +256,7 @@ class IngestSink:
             unrouted=not destinations,
             priority=request.priority,
         )
-        await self._node.committer.submit(record)
+        await self._node.committer.submit(record, self._temp)
         return StoreOutcome(SUCCESS)
 
 

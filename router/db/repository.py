@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy import Engine, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -477,54 +477,72 @@ def _record_one(
     duplicate = _find_duplicate(session, item, {ids[t] for t in targets})
     if duplicate is not None:
         return duplicate
-    row = InstanceRow(
-        sop_instance_uid=item.sop_instance_uid,
-        sop_class_uid=item.sop_class_uid,
-        transfer_syntax=item.transfer_syntax,
-        study_instance_uid=item.study_instance_uid,
-        calling_aet=item.calling_aet,
-        called_aet=item.called_aet,
-        peer_address=item.peer_address,
-        spool_name=item.spool_name,
-        size=item.size,
-        digest=item.digest,
-        state=InstanceState.UNROUTED if item.unrouted else InstanceState.ROUTED,
-        received_at=now,
-    )
-    session.add(row)
+    # Core inserts, not the ORM unit of work: this runs once per received instance, and
+    # the ORM's bookkeeping would cost more than the commit itself.
     try:
-        session.flush()
+        instance_id = session.execute(
+            _INSERT_INSTANCE,
+            {
+                "sop_instance_uid": item.sop_instance_uid,
+                "sop_class_uid": item.sop_class_uid,
+                "transfer_syntax": item.transfer_syntax,
+                "study_instance_uid": item.study_instance_uid,
+                "calling_aet": item.calling_aet,
+                "called_aet": item.called_aet,
+                "peer_address": item.peer_address,
+                "spool_name": item.spool_name,
+                "size": item.size,
+                "digest": item.digest,
+                "state": InstanceState.UNROUTED if item.unrouted else InstanceState.ROUTED,
+                "received_at": now,
+            },
+        ).scalar_one()
     except IntegrityError as exc:
         raise AlreadyExists(f"spool file {item.spool_name!r} is already recorded") from exc
-    jobs = [
-        JobRow(
-            instance_id=row.id,
-            destination_id=ids[target],
-            state=JobState.PENDING,
-            priority=item.priority,
-            attempts=0,
-            deliveries=0,
-            next_attempt_at=now,
-            created_at=now,
-            updated_at=now,
+    job_ids: tuple[int, ...] = ()
+    if targets:
+        job_ids = tuple(
+            session.execute(
+                _INSERT_JOBS,
+                [
+                    {
+                        "instance_id": instance_id,
+                        "destination_id": ids[target],
+                        "state": JobState.PENDING,
+                        "priority": item.priority,
+                        "attempts": 0,
+                        "deliveries": 0,
+                        "next_attempt_at": now,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                    for target in targets
+                ],
+            ).scalars()
         )
-        for target in targets
-    ]
-    session.add_all(jobs)
-    session.flush()
-    return InstanceResult(row.id, tuple(job.id for job in jobs), None, bool(jobs))
+    return InstanceResult(instance_id, job_ids, None, bool(job_ids))
+
+
+# Built once: statement construction is a large share of a small insert's cost.
+_INSERT_INSTANCE = insert(InstanceRow.__table__).returning(InstanceRow.__table__.c.id)
+_INSERT_JOBS = insert(JobRow.__table__).returning(
+    JobRow.__table__.c.id, sort_by_parameter_order=True
+)
+_DUPLICATE_CANDIDATES = (
+    select(InstanceRow.id, InstanceRow.state)
+    .where(
+        InstanceRow.sop_instance_uid == bindparam("uid"),
+        InstanceRow.digest == bindparam("digest"),
+    )
+    .order_by(InstanceRow.id.desc())
+)
 
 
 def _find_duplicate(
     session: Session, item: NewInstance, destination_ids: set[int]
 ) -> InstanceResult | None:
     candidates = session.execute(
-        select(InstanceRow.id, InstanceRow.state)
-        .where(
-            InstanceRow.sop_instance_uid == item.sop_instance_uid,
-            InstanceRow.digest == item.digest,
-        )
-        .order_by(InstanceRow.id.desc())
+        _DUPLICATE_CANDIDATES, {"uid": item.sop_instance_uid, "digest": item.digest}
     ).all()
     for instance_id, state in candidates:
         if item.unrouted:
