@@ -1,16 +1,13 @@
 #!/usr/bin/env bash
-# Set up the node in ./.venv and run it on its embedded default.
-#   scripts/serve.sh [extra options]
-# For now the node is the protocol library's storage SCP: it listens on port 11112 as
-# AE title ROUTER and writes what it receives under ./dicom-router-data/received.
-# (The router's ingest, issue "router ingest", replaces this with `dicom-router serve`.)
+# Set up the node in ./.venv and run it on its embedded default: SQLite and a local
+# spool under ./dicom-router-data (or $DICOM_ROUTER_DATA_DIR), port 11112, AE title ROUTER.
+#   scripts/serve.sh [serve options, e.g. --port 11113 --aet ROUTER]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${DICOM_ROUTER_VENV:-.venv}
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/pip" install -q --upgrade pip
 "$venv/bin/pip" install -q .
-data=${DICOM_ROUTER_DATA_DIR:-./dicom-router-data}
-mkdir -p "$data/received"
-exec "$venv/bin/python" -m protocol storescp "${DICOM_ROUTER_LISTENER_PORT:-11112}" \
-    -aet ROUTER -od "$data/received" -v "$@"
+export DICOM_ROUTER_DATA_DIR=${DICOM_ROUTER_DATA_DIR:-./dicom-router-data}
+"$venv/bin/dicom-router" init
+exec "$venv/bin/dicom-router" -v serve "$@"
