@@ -226,6 +226,11 @@ class Connection:
         return self._close
 
     @property
+    def receiving_pdu(self) -> bool:
+        """Part of a PDU has arrived and the rest has not: the edge's PDU deadline runs."""
+        return self._reader.in_progress
+
+    @property
     def accepted_contexts(self) -> Mapping[int, tuple[str, str]]:
         """{context id: (abstract syntax, transfer syntax)} of the accepted contexts."""
         return MappingProxyType(self._contexts)

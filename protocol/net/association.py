@@ -55,6 +55,9 @@ class Timeouts:
     dimse: float | None = 60.0  # a DIMSE response (SCU)
     artim: float = 30.0  # PS3.8 9.1.5: first PDU after connect, and Sta13 before close
     idle: float | None = 300.0  # no PDU at all on an established association
+    # The rest of a PDU whose first bytes arrived: an absolute deadline per PDU, so a
+    # peer trickling a byte now and then (slowloris, catalogue RX-02/RX-03) is cut off.
+    pdu: float | None = 120.0
     write: float | None = 60.0  # a peer that stops reading (zero window) holds no slot
 
 
@@ -94,6 +97,7 @@ class AssociationProtocol(asyncio.Protocol):
         self._artim: asyncio.TimerHandle | None = None
         self._idle: asyncio.TimerHandle | None = None
         self._write_deadline: asyncio.TimerHandle | None = None
+        self._pdu_deadline: asyncio.TimerHandle | None = None
         self._writable: asyncio.Future[None] | None = None
         self._abort_reported = False
 
@@ -115,8 +119,12 @@ class AssociationProtocol(asyncio.Protocol):
         self._touch_idle()
         events = self.conn.receive_data(data)
         self._flush()
+        if log.isEnabledFor(logging.DEBUG):
+            for event in events:
+                log.debug("%s: received %s", self.info.peer, describe_event(event))
         for event in events:
             self._dispatch(event)
+        self._sync_pdu_deadline()
 
     def connection_lost(self, exc: Exception | None) -> None:
         events = self.conn.connection_lost()
@@ -148,6 +156,14 @@ class AssociationProtocol(asyncio.Protocol):
     ) -> None:
         """Queue a command (and a dataset held in memory) on the association."""
         max_pdu = self.conn.peer_max_pdu_length
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "%s: sending %s on context %d%s",
+                self.info.peer,
+                message,
+                context_id,
+                f" with a {len(dataset)}-byte data set" if dataset is not None else "",
+            )
         buffers = fragment(context_id, encode_command(message), True, max_pdu)
         if dataset is not None:
             buffers += fragment(context_id, dataset, False, max_pdu)
@@ -286,11 +302,33 @@ class AssociationProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def _sync_pdu_deadline(self) -> None:
+        if self.timeouts.pdu is None:
+            return
+        receiving = self.conn.receiving_pdu
+        if receiving and self._pdu_deadline is None:
+            self._pdu_deadline = self._loop.call_later(self.timeouts.pdu, self._pdu_stalled)
+        elif not receiving and self._pdu_deadline is not None:
+            self._pdu_deadline.cancel()
+            self._pdu_deadline = None
+
+    def _pdu_stalled(self) -> None:
+        self._pdu_deadline = None
+        log.warning(
+            "%s: a PDU did not complete within %.0f s, aborting",
+            self.info.peer,
+            self.timeouts.pdu or 0,
+        )
+        self.on_aborted(
+            Aborted(AbortSource.SERVICE_USER, 0, True, AssociationAborted(0, 0, "PDU deadline"))
+        )
+        self.abort()
+
     def _cancel_timers(self) -> None:
-        for handle in (self._artim, self._idle, self._write_deadline):
+        for handle in (self._artim, self._idle, self._write_deadline, self._pdu_deadline):
             if handle is not None:
                 handle.cancel()
-        self._artim = self._idle = self._write_deadline = None
+        self._artim = self._idle = self._write_deadline = self._pdu_deadline = None
 
     # -- hooks for the roles ----------------------------------------------------------
     def on_associate_request(self, event: AssociateRequested) -> None:
@@ -319,3 +357,34 @@ class AssociationProtocol(asyncio.Protocol):
 
     def on_closed(self) -> None:
         """The transport is closed; release every resource held for the association."""
+
+
+def describe_event(event: object) -> str:
+    """A one-line summary of an Upper Layer event for ``-d`` logs (no patient data)."""
+    if isinstance(event, PDataReceived):
+        parts = [
+            f"{'command' if pdv.is_command else 'data'}{' last' if pdv.is_last else ''} "
+            f"{len(pdv.data)} B ctx {pdv.context_id}"
+            for pdv in event.pdu.pdvs
+        ]
+        return "P-DATA-TF [" + ", ".join(parts) + "]"
+    if isinstance(event, AssociateRequested):
+        rq = event.rq
+        return (
+            f"A-ASSOCIATE-RQ {rq.calling_ae!r} -> {rq.called_ae!r}, "
+            f"{len(rq.presentation_contexts)} contexts, max PDU {rq.user_information.max_length}"
+        )
+    if isinstance(event, AssociateAccepted):
+        ac = event.ac
+        accepted = sum(1 for c in ac.presentation_contexts if c.result == 0)
+        return (
+            f"A-ASSOCIATE-AC {accepted}/{len(ac.presentation_contexts)} contexts accepted, "
+            f"max PDU {ac.user_information.max_length}"
+        )
+    if isinstance(event, AssociateRejected):
+        rj = event.rj
+        return f"A-ASSOCIATE-RJ result {rj.result} source {rj.source} reason {rj.reason}"
+    if isinstance(event, Aborted):
+        side = "local" if event.local else "peer"
+        return f"abort source {event.source} reason {event.reason} ({side})"
+    return type(event).__name__
