@@ -20,11 +20,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from sqlalchemy import Engine, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from router.db.engine import make_session_factory
+from router.db.engine import WRITE_OPTION, make_session_factory
 from router.db.models import (
     LIVE_JOB_STATES,
     DestinationRow,
@@ -172,6 +172,8 @@ class Repository:
         self._clock = clock
         self._read_sessions = make_session_factory(engine)
         self._write_sessions = make_session_factory(engine, write=True)
+        # The ingest path uses a bare Core connection: no ORM session per instance.
+        self._write_engine = engine.execution_options(**{WRITE_OPTION: True})
 
     @contextmanager
     def _read(self) -> Iterator[Session]:
@@ -362,10 +364,10 @@ class Repository:
         for item in batch:
             _check_new_instance(item)
         now = self._clock()
-        with self._write() as session:
+        with self._write_engine.begin() as connection:
             names = {name for item in batch for name in item.destinations}
-            ids = _destination_ids(session, names)
-            return [_record_one(session, item, ids, now) for item in batch]
+            ids = _destination_ids(connection, names)
+            return [_record_one(connection, item, ids, now) for item in batch]
 
     def spool_names(self) -> set[str]:
         """The spool file names of every recorded instance (start-up recovery)."""
@@ -449,7 +451,7 @@ def _get_rule(session: Session, name: str) -> RuleRow:
     return row
 
 
-def _destination_ids(session: Session, names: Iterable[str]) -> dict[str, int]:
+def _destination_ids(session: Session | Connection, names: Iterable[str]) -> dict[str, int]:
     wanted = set(names)
     if not wanted:
         return {}
@@ -471,7 +473,7 @@ def _check_new_instance(item: NewInstance) -> None:
 
 
 def _record_one(
-    session: Session, item: NewInstance, ids: dict[str, int], now: dt.datetime
+    session: Connection, item: NewInstance, ids: dict[str, int], now: dt.datetime
 ) -> InstanceResult:
     targets = tuple(dict.fromkeys(item.destinations))
     duplicate = _find_duplicate(session, item, {ids[t] for t in targets})
@@ -524,10 +526,10 @@ def _record_one(
 
 
 # Built once: statement construction is a large share of a small insert's cost.
-_INSERT_INSTANCE = insert(InstanceRow.__table__).returning(InstanceRow.__table__.c.id)
-_INSERT_JOBS = insert(JobRow.__table__).returning(
-    JobRow.__table__.c.id, sort_by_parameter_order=True
-)
+_INSTANCES: Table = InstanceRow.__table__  # type: ignore[assignment]
+_JOBS: Table = JobRow.__table__  # type: ignore[assignment]
+_INSERT_INSTANCE = insert(_INSTANCES).returning(_INSTANCES.c.id)
+_INSERT_JOBS = insert(_JOBS).returning(_JOBS.c.id, sort_by_parameter_order=True)
 _DUPLICATE_CANDIDATES = (
     select(InstanceRow.id, InstanceRow.state)
     .where(
@@ -539,7 +541,7 @@ _DUPLICATE_CANDIDATES = (
 
 
 def _find_duplicate(
-    session: Session, item: NewInstance, destination_ids: set[int]
+    session: Connection, item: NewInstance, destination_ids: set[int]
 ) -> InstanceResult | None:
     candidates = session.execute(
         _DUPLICATE_CANDIDATES, {"uid": item.sop_instance_uid, "digest": item.digest}
