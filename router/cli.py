@@ -7,11 +7,12 @@ line on stderr saying what was wrong (DESIGN §7). Heavy imports stay inside com
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -29,6 +30,12 @@ class Fail(click.ClickException):
         click.echo(f"error: {self.message}", err=True)
 
 
+class UsageFail(Fail):
+    """A bad argument: still one line, with click's usage exit status."""
+
+    exit_code = 2
+
+
 def _fail(message: str) -> NoReturn:
     raise Fail(message)
 
@@ -37,7 +44,9 @@ def json_option(func: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")(func)
 
 
-def _emit(as_json: bool, rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str) -> None:
+def _emit(
+    as_json: bool, rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str
+) -> None:
     if as_json:
         click.echo(json.dumps(list(rows), indent=2, default=str))
         return
@@ -75,7 +84,10 @@ class Context:
             from router.db.migrate import SchemaError, check_schema
             from router.db.repository import Repository
 
-            engine = make_engine(self.settings.database_url)
+            url = self.settings.database_url
+            if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists():
+                _fail(f"no database at {url[len('sqlite:///') :]}: run `dicom-router init`")
+            engine = make_engine(url)
             try:
                 check_schema(engine)
             except SchemaError as exc:
@@ -87,14 +99,34 @@ class Context:
 pass_context = click.make_pass_decorator(Context)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Turns failures of the database or the file system into one line (DESIGN §7)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise UsageFail(exc.format_message()) from None
+        except SQLAlchemyError as exc:
+            raise Fail(f"database error: {getattr(exc, 'orig', None) or exc}") from None
+        except OSError as exc:
+            raise Fail(str(exc)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", type=click.Path(dir_okay=False), help="TOML settings file")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="data directory (database, spool)")
+@click.option(
+    "--data-dir", type=click.Path(file_okay=False), help="data directory (database, spool)"
+)
 @click.option("--db", "db_url", help="database URL (default: SQLite in the data directory)")
 @click.option("-v", "--verbose", count=True, help="-v info, -vv debug")
 @click.version_option(package_name="dicom-router")
 @click.pass_context
-def main(ctx: click.Context, config: str | None, data_dir: str | None, db_url: str | None, verbose: int) -> None:
+def main(
+    ctx: click.Context, config: str | None, data_dir: str | None, db_url: str | None, verbose: int
+) -> None:
     """A durable DICOM routing node."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -146,7 +178,7 @@ def db_upgrade(context: Context) -> None:
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False))
 @click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False))
 @click.option("--tls-require-client-cert", is_flag=True, default=None)
-@click.pass_context
+@click.pass_context  # type: ignore[arg-type]
 def serve(ctx: click.Context, **flags: Any) -> None:
     """Run the node: recover the spool, then accept associations until SIGTERM/SIGINT."""
     from router.node import serve as serve_node
@@ -200,15 +232,24 @@ def _destination_row(d: Any) -> dict[str, Any]:
 @click.option("--max-retries", default=10, show_default=True, type=click.IntRange(0, 1000))
 @json_option
 @pass_context
-def destinations_add(context: Context, name: str, aet: str, host: str, port: int,
-                     max_associations: int, max_retries: int, as_json: bool) -> None:
+def destinations_add(
+    context: Context,
+    name: str,
+    aet: str,
+    host: str,
+    port: int,
+    max_associations: int,
+    max_retries: int,
+    as_json: bool,
+) -> None:
     """Add a destination."""
     _check_name(name, "destination")
     _check_ae_title(aet)
     repo = context.repository()
     with _repository_errors():
-        destination = repo.add_destination(name, aet, host, port, max_associations=max_associations,
-                                           max_retries=max_retries)
+        destination = repo.add_destination(
+            name, aet, host, port, max_associations=max_associations, max_retries=max_retries
+        )
     _emit_one(as_json, _destination_row(destination), f"added destination {name}")
 
 
@@ -218,8 +259,12 @@ def destinations_add(context: Context, name: str, aet: str, host: str, port: int
 def destinations_list(context: Context, as_json: bool) -> None:
     """List destinations."""
     rows = [_destination_row(d) for d in context.repository().list_destinations()]
-    _emit(as_json, rows, ["name", "ae_title", "host", "port", "max_associations", "max_retries"],
-          "destinations")
+    _emit(
+        as_json,
+        rows,
+        ["name", "ae_title", "host", "port", "max_associations", "max_retries"],
+        "destinations",
+    )
 
 
 @destinations.command("remove")
@@ -239,8 +284,9 @@ def destinations_remove(context: Context, name: str, as_json: bool) -> None:
 @click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(0.1, 600))
 @json_option
 @pass_context
-def destinations_echo(context: Context, name: str, calling_aet: str | None, timeout: float,
-                      as_json: bool) -> None:
+def destinations_echo(
+    context: Context, name: str, calling_aet: str | None, timeout: float, as_json: bool
+) -> None:
     """C-ECHO a destination; prints the status and the round-trip time."""
     from protocol.errors import ProtocolError
     from protocol.net import ContextRequest, Timeouts, associate
@@ -252,7 +298,8 @@ def destinations_echo(context: Context, name: str, calling_aet: str | None, time
     async def echo() -> tuple[int, float]:
         started = time.perf_counter()
         assoc = await associate(
-            destination.host, destination.port,
+            destination.host,
+            destination.port,
             [ContextRequest(VERIFICATION, (EXPLICIT_VR_LE, IMPLICIT_VR_LE))],
             called_ae=destination.ae_title,
             calling_ae=calling_aet or context.settings.listener.ae_title,
@@ -268,7 +315,11 @@ def destinations_echo(context: Context, name: str, calling_aet: str | None, time
         status, elapsed = asyncio.run(echo())
     except (ProtocolError, OSError, TimeoutError) as exc:
         _fail(f"C-ECHO to {name} ({destination.host}:{destination.port}) failed: {exc}")
-    row = {"destination": name, "status": f"0x{status:04X}", "round_trip_ms": round(elapsed * 1000, 1)}
+    row = {
+        "destination": name,
+        "status": f"0x{status:04X}",
+        "round_trip_ms": round(elapsed * 1000, 1),
+    }
     _emit_one(as_json, row, f"{name}: status 0x{status:04X} in {elapsed * 1000:.1f} ms")
     if status != 0:
         sys.exit(1)
@@ -300,8 +351,16 @@ def _rule_row(rule: Any) -> dict[str, Any]:
 @click.option("--disabled", is_flag=True, help="add the rule disabled")
 @json_option
 @pass_context
-def rules_add(context: Context, name: str, to: str, when: tuple[str, ...], priority: int,
-              stop: bool, disabled: bool, as_json: bool) -> None:
+def rules_add(
+    context: Context,
+    name: str,
+    to: str,
+    when: tuple[str, ...],
+    priority: int,
+    stop: bool,
+    disabled: bool,
+    as_json: bool,
+) -> None:
     """Add a rule, e.g. --when 'Modality == CT' --to pacs."""
     from router.rules import RuleError, RuleSpec, parse_condition
 
@@ -325,8 +384,12 @@ def rules_add(context: Context, name: str, to: str, when: tuple[str, ...], prior
 def rules_list(context: Context, as_json: bool) -> None:
     """List rules in evaluation order."""
     specs = sorted(context.repository().list_rules(), key=lambda r: (r.priority, r.name))
-    _emit(as_json, [_rule_row(r) for r in specs], ["priority", "name", "enabled", "stop", "when", "to"],
-          "rules")
+    _emit(
+        as_json,
+        [_rule_row(r) for r in specs],
+        ["priority", "name", "enabled", "stop", "when", "to"],
+        "rules",
+    )
 
 
 @rules.command("show")
@@ -385,15 +448,23 @@ def rules_disable(context: Context, name: str, as_json: bool) -> None:
 @click.option("--peer-address", default="127.0.0.1", help="pretend the files came from here")
 @json_option
 @pass_context
-def rules_test(context: Context, paths: tuple[str, ...], calling_aet: str, called_aet: str | None,
-               peer_address: str, as_json: bool) -> None:
+def rules_test(
+    context: Context,
+    paths: tuple[str, ...],
+    calling_aet: str,
+    called_aet: str | None,
+    peer_address: str,
+    as_json: bool,
+) -> None:
     """Dry run: which rules each file matches, why the others do not, and where it would go."""
     from protocol.part10 import NotPart10Error
     from router.rules import InstanceFacts, RuleSet
     from router.walker import DatasetError, walk_file
 
     ruleset = RuleSet.compile(context.repository().list_rules())
-    fallback_note = "unrouted (kept)" if context.settings.listener.unrouted_policy == "unrouted" else "rejected"
+    fallback_note = (
+        "unrouted (kept)" if context.settings.listener.unrouted_policy == "unrouted" else "rejected"
+    )
     results = []
     for path in _iter_paths(paths):
         entry: dict[str, Any] = {"file": str(path)}
@@ -403,12 +474,18 @@ def rules_test(context: Context, paths: tuple[str, ...], calling_aet: str, calle
             entry["error"] = str(exc)
             results.append(entry)
             continue
-        facts = InstanceFacts(values, calling_aet, called_aet or context.settings.listener.ae_title,
-                              peer_address)
+        facts = InstanceFacts(
+            values, calling_aet, called_aet or context.settings.listener.ae_title, peer_address
+        )
         decision = ruleset.match(facts)
         entry["destinations"] = list(decision.destinations)
         entry["rules"] = [
-            {"rule": e.rule, "matched": e.matched, "skipped": e.skipped, "failed": e.failed_condition}
+            {
+                "rule": e.rule,
+                "matched": e.matched,
+                "skipped": e.skipped,
+                "failed": e.failed_condition,
+            }
             for e in decision.explanations
         ]
         results.append(entry)
@@ -463,7 +540,9 @@ def sources_add(context: Context, ae_title: str, addresses: tuple[str, ...], as_
             _fail(f"invalid address or CIDR block {address!r}")
     with _repository_errors():
         context.repository().add_source(ae_title, list(addresses))
-    _emit_one(as_json, {"ae_title": ae_title, "addresses": list(addresses)}, f"added source {ae_title}")
+    _emit_one(
+        as_json, {"ae_title": ae_title, "addresses": list(addresses)}, f"added source {ae_title}"
+    )
 
 
 @sources.command("list")
@@ -471,8 +550,10 @@ def sources_add(context: Context, ae_title: str, addresses: tuple[str, ...], as_
 @pass_context
 def sources_list(context: Context, as_json: bool) -> None:
     """List known sources."""
-    rows = [{"ae_title": s.ae_title, "addresses": list(s.addresses)}
-            for s in context.repository().list_sources()]
+    rows = [
+        {"ae_title": s.ae_title, "addresses": list(s.addresses)}
+        for s in context.repository().list_sources()
+    ]
     _emit(as_json, rows, ["ae_title", "addresses"], "sources")
 
 
@@ -529,17 +610,12 @@ def _safe_url(url: str) -> str:
     return url
 
 
-class _repository_errors:
+@contextlib.contextmanager
+def _repository_errors() -> Iterator[None]:
     """Turns the repository's typed errors into one-line failures."""
+    from router.db.repository import RepositoryError
 
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
-        if exc is None:
-            return False
-        from router.db.repository import RepositoryError
-
-        if isinstance(exc, RepositoryError):
-            _fail(str(exc))
-        return False
+    try:
+        yield
+    except RepositoryError as exc:
+        _fail(str(exc))
