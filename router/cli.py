@@ -585,11 +585,15 @@ def queue_status(context: Context, as_json: bool) -> None:
     rows = [{"destination": d, "state": s, "count": n} for d, s, n in repo.job_counts()]
     age = repo.oldest_pending_age(datetime.now(UTC))
     seconds = None if age is None else round(age.total_seconds(), 1)
+    instances = repo.instance_counts()
     if as_json:
-        click.echo(json.dumps({"jobs": rows, "oldest_pending_seconds": seconds}, indent=2))
+        report = {"jobs": rows, "oldest_pending_seconds": seconds, "instances": instances}
+        click.echo(json.dumps(report, indent=2))
         return
     _emit(False, rows, ["destination", "state", "count"], "jobs")
     click.echo(f"oldest pending job: {'none' if seconds is None else f'{seconds} s'}")
+    if instances.get("unrouted"):
+        click.echo(f"unrouted instances (matched no rule, kept): {instances['unrouted']}")
 
 
 # -- helpers -------------------------------------------------------------------------------------

@@ -399,6 +399,14 @@ class Repository:
             )
             return [JobCount(name, JobState(state), count) for name, state, count in rows]
 
+    def instance_counts(self) -> dict[str, int]:
+        """Instances per state (routed, unrouted, done): unrouted ones need a person."""
+        with self._read() as session:
+            rows = session.execute(
+                select(InstanceRow.state, func.count(InstanceRow.id)).group_by(InstanceRow.state)
+            )
+            return {str(state): count for state, count in rows}
+
     def oldest_pending_age(self, now: dt.datetime | None = None) -> dt.timedelta | None:
         """How long the oldest job not yet done (pending, leased or waiting to retry)
         has existed; None when there is none."""

@@ -212,7 +212,7 @@ def test_rules_test_is_a_dry_run_that_explains(initialised: Run, tmp_path: Path)
     assert report["mr.dcm"]["rules"][0]["failed"] == "Modality == CT"
     assert "error" in report["notes.txt"]
     status = _json(run("queue", "status", "--json"))
-    assert status == {"jobs": [], "oldest_pending_seconds": None}
+    assert status == {"jobs": [], "oldest_pending_seconds": None, "instances": {}}
 
 
 def test_sources_add_list_remove_and_bad_cidr(initialised: Run) -> None:

@@ -454,3 +454,9 @@ def test_concurrent_writers_in_two_processes(two: Repository, url: str, engine: 
     assert count(engine, "instances") == 2 * per_process
     assert count(engine, "jobs") == 2 * per_process
     assert len(two.list_sources()) == 50
+
+
+def test_instance_counts_by_state(two: Repository) -> None:
+    assert two.instance_counts() == {}
+    two.record_instances([instance(1, "pacs"), instance(2), instance(3)])
+    assert two.instance_counts() == {"routed": 1, "unrouted": 2}
