@@ -1,0 +1,159 @@
+"""Sending spooled instances to one destination over reused associations.
+
+A ``DestinationPool`` keeps up to ``max_associations`` open associations to one
+destination and sends many instances over each (DESIGN §3.3). An association proposes
+one presentation context per (SOP class, transfer syntax) pair the pool has been asked
+for so far; when an instance needs a pair the open association did not propose, it is
+released and a new one proposes every pair seen (up to the 128 contexts PS3.8 allows),
+so a destination's associations learn the spool's mix once. Files are sent as they are,
+never transcoded: when the destination does not accept the file's transfer syntax the
+attempt fails with ``NoAcceptableContext``, which the retry policy dead-letters
+(catalogue DST-06/07). Every exception becomes an ``Outcome``; the worker never dies of
+a destination's behaviour (DST-18).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from protocol.errors import NoAcceptableContext
+from protocol.net import Association, ContextRequest, Timeouts, associate
+from workers.retry import Outcome, from_exception
+
+log = logging.getLogger(__name__)
+
+MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: odd context ids 1..255
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    max_associations: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One instance to send: the spool file and what its meta header says."""
+
+    path: Path
+    sop_class_uid: str
+    transfer_syntax: str
+
+
+@dataclass
+class _Slot:
+    association: Association | None = None
+    pairs: frozenset[tuple[str, str]] = field(default_factory=frozenset)
+    last_used: float = 0.0
+
+
+class DestinationPool:
+    def __init__(
+        self,
+        destination: Destination,
+        calling_ae: str,
+        timeouts: Timeouts | None = None,
+        tls: ssl.SSLContext | None = None,
+        idle_close: float = 30.0,
+    ) -> None:
+        self.destination = destination
+        self._calling_ae = calling_ae
+        self._timeouts = timeouts or Timeouts(connect=10, acse=30, dimse=60)
+        self._tls = tls
+        self._idle_close = idle_close
+        self._free: asyncio.Queue[_Slot] = asyncio.Queue()
+        for _ in range(max(1, destination.max_associations)):
+            self._free.put_nowait(_Slot())
+        self._seen: dict[tuple[str, str], None] = {}
+
+    async def send(self, item: Item) -> Outcome:
+        """Send one instance; returns the DIMSE status or the failure as an ``Outcome``."""
+        slot = await self._free.get()
+        try:
+            return await self._send_on(slot, item)
+        finally:
+            slot.last_used = time.monotonic()
+            self._free.put_nowait(slot)
+
+    async def _send_on(self, slot: _Slot, item: Item) -> Outcome:
+        pair = (item.sop_class_uid, item.transfer_syntax)
+        self._seen.setdefault(pair, None)
+        try:
+            association = await self._association_for(slot, pair)
+            response = await association.send_c_store_file(item.path)
+        except Exception as exc:
+            await self._drop(slot)
+            return from_exception(exc)
+        return Outcome(status=response.status, detail=response.error_comment or "")
+
+    async def _association_for(self, slot: _Slot, pair: tuple[str, str]) -> Association:
+        association = slot.association
+        if association is not None and association.is_alive and pair in slot.pairs:
+            if self._accepted(association, pair):
+                return association
+            raise NoAcceptableContext(
+                f"{self.destination.name} did not accept {pair[0]} in {pair[1]}"
+            )
+        await self._drop(slot)
+        pairs = list(self._seen)
+        if pair in pairs:  # keep the newest pair inside the 128-context limit
+            pairs.remove(pair)
+        pairs = [*pairs[-(MAX_CONTEXTS - 1) :], pair]
+        association = await associate(
+            self.destination.host,
+            self.destination.port,
+            [ContextRequest(sop_class, (ts,)) for sop_class, ts in pairs],
+            called_ae=self.destination.ae_title,
+            calling_ae=self._calling_ae,
+            timeouts=self._timeouts,
+            ssl=self._tls,
+            server_hostname=self.destination.host if self._tls else None,
+        )
+        slot.association, slot.pairs = association, frozenset(pairs)
+        if not self._accepted(association, pair):
+            raise NoAcceptableContext(
+                f"{self.destination.name} did not accept {pair[0]} in {pair[1]}"
+            )
+        return association
+
+    @staticmethod
+    def _accepted(association: Association, pair: tuple[str, str]) -> bool:
+        return pair in set(association.contexts.values())
+
+    async def _drop(self, slot: _Slot) -> None:
+        association, slot.association, slot.pairs = slot.association, None, frozenset()
+        if association is None:
+            return
+        if association.is_alive:
+            with contextlib.suppress(Exception):
+                await association.release()
+                return
+        association.abort()
+
+    async def close_idle(self) -> None:
+        """Release associations unused for ``idle_close`` seconds (call periodically)."""
+        now = time.monotonic()
+        held = []
+        while not self._free.empty():
+            held.append(self._free.get_nowait())
+        for slot in held:
+            if slot.association is not None and now - slot.last_used > self._idle_close:
+                await self._drop(slot)
+            self._free.put_nowait(slot)
+
+    async def close(self) -> None:
+        held = []
+        while not self._free.empty():
+            held.append(self._free.get_nowait())
+        for slot in held:
+            await self._drop(slot)
+            self._free.put_nowait(slot)
