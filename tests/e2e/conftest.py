@@ -1,16 +1,12 @@
 """End-to-end fixtures: real ``dicom-router`` processes (DESIGN §8).
 
-Two node helpers live here:
-
-- ``make_node`` (``router_node.RouterNode``), used by test_ingest_e2e.py;
-- ``router_node`` (``NodeUnderTest`` below), used by test_ingest.py and
-  test_ingest_durability.py: one node is a data directory configured through the CLI
-  (``init``, ``destinations add``, ``rules add``) and ``dicom-router serve`` as a
-  subprocess in its own process group on a port chosen at run time, with a CLI runner
-  and database/spool queries. Running the CLI costs about a second per command, so that
-  configured data directory is made once per session (through the CLI) and copied for
-  each node before its ``serve``. Plain helpers for those tests are in
-  ``ingest_support.py``.
+The ``router_node`` fixture (``NodeUnderTest`` below), used by test_ingest.py and
+test_ingest_durability.py: one node is a data directory configured through the CLI
+(``init``, ``destinations add``, ``rules add``) and ``dicom-router serve`` as a
+subprocess in its own process group on a port chosen at run time, with a CLI runner and
+database/spool queries. Running the CLI costs about a second per command, so that
+configured data directory is made once per session (through the CLI) and copied for each
+node before its ``serve``. Plain helpers for those tests are in ``ingest_support.py``.
 
 Every wait is bounded; every process group is killed at teardown.
 """
@@ -44,24 +40,6 @@ from ingest_support import (
     open_association,
     unmount,
 )
-from router_node import RouterNode
-
-
-@pytest.fixture
-def make_node(tmp_path: Path) -> Iterator[Callable[..., RouterNode]]:
-    nodes: list[RouterNode] = []
-
-    def make(env: dict[str, str] | None = None, root: Path | None = None) -> RouterNode:
-        base = root or tmp_path / f"node{len(nodes)}"
-        base.mkdir(parents=True, exist_ok=True)
-        node = RouterNode(base, env)
-        nodes.append(node)
-        return node
-
-    yield make
-    for node in nodes:
-        node.kill()
-
 
 # --------------------------------------------------------------------------------------
 # router_node: NodeUnderTest
