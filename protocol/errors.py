@@ -87,9 +87,7 @@ class PDUDecodeError(ProtocolError):
 class RemoteProtocolError(ProtocolError):
     """The peer sent something PS3.8 forbids in the current state."""
 
-    def __init__(
-        self, message: str, reason: AbortReason = AbortReason.UNEXPECTED_PDU
-    ) -> None:
+    def __init__(self, message: str, reason: AbortReason = AbortReason.UNEXPECTED_PDU) -> None:
         super().__init__(message)
         self.reason = reason
 

@@ -174,6 +174,7 @@ def db_upgrade(context: Context) -> None:
 @click.option("--port", type=click.IntRange(0, 65535), help="DICOM port")
 @click.option("--bind", help="address to listen on")
 @click.option("--listeners", type=click.IntRange(1, 64), help="listener processes")
+@click.option("--workers", type=click.IntRange(0, 64), help="forwarding worker processes")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False))
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False))
 @click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False))
@@ -189,6 +190,7 @@ def serve(ctx: click.Context, **flags: Any) -> None:
         "port": "listener.port",
         "bind": "listener.bind",
         "listeners": "listener.processes",
+        "workers": "workers.count",
         "tls_cert": "listener.tls_cert",
         "tls_key": "listener.tls_key",
         "tls_ca": "listener.tls_ca",

@@ -13,6 +13,7 @@ import os
 import signal
 import ssl
 from collections.abc import Callable
+from typing import Any
 
 from protocol.acse import AcceptorPolicy
 from protocol.errors import RejectReason, RejectResult, RejectSource
@@ -166,44 +167,142 @@ async def run_listener(
 
 
 def serve(settings: Settings) -> None:
-    """Recover the spool, then run the listener(s) until SIGTERM/SIGINT.
-
-    Several listener processes share the port with SO_REUSEPORT; each then admits its
-    share of ``max_associations`` (the node-wide count is their sum).
-    """
+    """Recover the spool, then supervise the node's processes until SIGTERM/SIGINT:
+    N listeners (sharing the port with SO_REUSEPORT; each admits its share of
+    ``max_associations``), the dispatcher and M forwarding workers. A child that dies is
+    restarted, with a growing pause if it keeps dying at once (DESIGN §3.6)."""
     engine = make_engine(settings.database_url)
     check_schema(engine)
     recover(settings, Repository(engine))
     engine.dispose()
-    count = settings.listener.processes
-    if count == 1:
-        asyncio.run(run_listener(settings))
-        return
-    import dataclasses
-    import multiprocessing
-
-    share = dataclasses.replace(
-        settings.listener,
-        max_associations=max(1, settings.listener.max_associations // count),
-    )
-    per_process = dataclasses.replace(settings, listener=share)
-    spawn = multiprocessing.get_context("spawn")
-    children = [spawn.Process(target=_listener_process, args=(per_process,)) for _ in range(count)]
-    for child in children:
-        child.start()
-    def forward(signum: int, _frame: object) -> None:
-        for child in children:
-            if child.pid is not None and child.is_alive():
-                os.kill(child.pid, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for child in children:
-        child.join()
+    Supervisor(settings).run()
 
 
-def _listener_process(settings: Settings) -> None:
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        import dataclasses
+
+        count = settings.listener.processes
+        share = dataclasses.replace(
+            settings.listener,
+            max_associations=max(1, settings.listener.max_associations // count),
+        )
+        listener_settings = dataclasses.replace(settings, listener=share)
+        self._specs: list[tuple[str, Callable[..., None], tuple[object, ...]]] = [
+            (f"listener-{i}", _listener_process, (listener_settings, count > 1))
+            for i in range(count)
+        ]
+        if settings.workers.count > 0:
+            self._specs.append(("dispatcher", _dispatcher_process, (settings,)))
+            self._specs += [
+                (f"worker-{i}", _worker_process, (settings,)) for i in range(settings.workers.count)
+            ]
+        self._stopping = False
+
+    def run(self) -> None:
+        import multiprocessing
+        import time
+
+        spawn = multiprocessing.get_context("spawn")
+        children: dict[str, Any] = {}
+        started: dict[str, float] = {}
+        pause: dict[str, float] = {}
+
+        def start(name: str, target: Callable[..., None], args: tuple[object, ...]) -> None:
+            child = spawn.Process(target=target, args=args, name=name, daemon=False)
+            child.start()
+            children[name], started[name] = child, time.monotonic()
+
+        def stop(signum: int, _frame: object) -> None:
+            self._stopping = True
+            for child in children.values():
+                if child.pid is not None and child.is_alive():
+                    os.kill(child.pid, signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        for name, target, args in self._specs:
+            start(name, target, args)
+        while not self._stopping:
+            time.sleep(0.5)
+            for name, target, args in self._specs:
+                child = children[name]
+                if child.is_alive() or self._stopping:
+                    continue
+                quick = time.monotonic() - started[name] < 10
+                pause[name] = min(30.0, pause.get(name, 0.5) * 2) if quick else 0.5
+                log.warning(
+                    "%s exited (status %s); restarting in %.1f s", name, child.exitcode, pause[name]
+                )
+                time.sleep(pause[name])
+                if not self._stopping:
+                    start(name, target, args)
+        for child in children.values():
+            child.join(timeout=60)
+            if child.is_alive():
+                child.kill()
+                child.join()
+
+
+def _child_logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    asyncio.run(run_listener(settings, reuse_port=True))
+
+
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    return stop
+
+
+def _listener_process(settings: Settings, reuse_port: bool) -> None:
+    _child_logging()
+    asyncio.run(run_listener(settings, reuse_port=reuse_port))
+
+
+def _dispatcher_process(settings: Settings) -> None:
+    from router.db.jobs import JobQueue
+    from router.dispatcher import Dispatcher
+
+    _child_logging()
+
+    async def main() -> None:
+        engine = make_engine(settings.database_url)
+        queue = JobQueue(engine, max_deliveries=settings.workers.max_deliveries)
+        dispatcher = Dispatcher(
+            queue, settings.dispatcher_endpoint, lease_seconds=settings.workers.lease_seconds
+        )
+        await dispatcher.run(_stop_event())
+        engine.dispose()
+
+    asyncio.run(main())
+
+
+def _worker_process(settings: Settings) -> None:
+    from router.db.jobs import JobQueue
+    from workers.retry import RetryPolicy
+    from workers.worker import Worker
+
+    _child_logging()
+
+    async def main() -> None:
+        engine = make_engine(settings.database_url)
+        worker = Worker(
+            JobQueue(engine, max_deliveries=settings.workers.max_deliveries),
+            Spool(settings.spool_dir, settings.spool),
+            settings.dispatcher_endpoint,
+            calling_ae=settings.listener.ae_title,
+            credit=settings.workers.credit,
+            policy=RetryPolicy(
+                max_deliveries=settings.workers.max_deliveries,
+                base=settings.workers.retry_base,
+                cap=settings.workers.retry_cap,
+            ),
+        )
+        await worker.run(_stop_event())
+        engine.dispose()
+
+    asyncio.run(main())

@@ -10,7 +10,9 @@ are the two top-level ones.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import tempfile
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -57,11 +59,22 @@ class SpoolSettings:
 
 
 @dataclass(frozen=True)
+class WorkerSettings:
+    count: int = 1  # forwarding worker processes started by `serve`
+    credit: int = 16  # leases one worker holds at most
+    lease_seconds: float = 120.0  # a lease not finished by then is due again
+    retry_base: float = 5.0  # seconds before the first retry (exponential, jitter)
+    retry_cap: float = 600.0
+    max_deliveries: int = 15  # leases of one job (crashed workers count) before dead letter
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path = Path("dicom-router-data")
     db: str = ""  # empty: SQLite in the data directory
     listener: ListenerSettings = field(default_factory=ListenerSettings)
     spool: SpoolSettings = field(default_factory=SpoolSettings)
+    workers: WorkerSettings = field(default_factory=WorkerSettings)
 
     @property
     def database_url(self) -> str:
@@ -74,11 +87,18 @@ class Settings:
         return self.data_dir / "spool"
 
     @property
+    def dispatcher_endpoint(self) -> str:
+        """ipc:// endpoint of the node's dispatcher; short (the socket path limit is
+        107 bytes) and unique per data directory."""
+        digest = hashlib.sha1(str(self.data_dir.resolve()).encode()).hexdigest()[:16]
+        return f"ipc://{tempfile.gettempdir()}/dicom-router-{digest}.ipc"
+
+    @property
     def config_path(self) -> Path:
         return self.data_dir / "config.toml"
 
 
-_SECTIONS = {"listener": ListenerSettings, "spool": SpoolSettings}
+_SECTIONS = {"listener": ListenerSettings, "spool": SpoolSettings, "workers": WorkerSettings}
 _CHOICES = {
     ("listener", "accept"): ("any", "known"),
     ("listener", "unrouted_policy"): ("unrouted", "reject"),
@@ -212,6 +232,8 @@ def _validate(settings: Settings) -> None:
     for name in ("processes", "max_associations", "max_associations_per_calling_ae"):
         if getattr(listener, name) < 1:
             raise SettingsError(f"listener.{name} must be at least 1")
+    if settings.workers.count < 0 or settings.workers.credit < 1:
+        raise SettingsError("workers.count must be at least 0 and workers.credit at least 1")
     if listener.max_pdu_length != 0 and listener.max_pdu_length < 4096:
         raise SettingsError("listener.max_pdu_length must be 0 (unlimited) or at least 4096")
     if bool(listener.tls_cert) != bool(listener.tls_key):

@@ -46,6 +46,8 @@ class Lease:
     ae_title: str
     host: str
     port: int
+    max_associations: int
+    max_retries: int
     spool_name: str
     transfer_syntax: str
     sop_class_uid: str
@@ -171,6 +173,8 @@ class JobQueue:
                 DestinationRow.ae_title,
                 DestinationRow.host,
                 DestinationRow.port,
+                DestinationRow.max_associations,
+                DestinationRow.max_retries,
                 InstanceRow.spool_name,
                 InstanceRow.transfer_syntax,
                 InstanceRow.sop_class_uid,
@@ -190,15 +194,17 @@ class JobQueue:
             ae_title=row[3],
             host=row[4],
             port=row[5],
-            spool_name=row[6],
-            transfer_syntax=row[7],
-            sop_class_uid=row[8],
-            sop_instance_uid=row[9],
-            priority=row[10],
+            max_associations=row[6],
+            max_retries=row[7],
+            spool_name=row[8],
+            transfer_syntax=row[9],
+            sop_class_uid=row[10],
+            sop_instance_uid=row[11],
+            priority=row[12],
             token=token,
             expires_at=expires,
-            attempts=row[11],
-            deliveries=row[12],
+            attempts=row[13],
+            deliveries=row[14],
         )
 
     # -- results (written only while the lease holds) -----------------------------------
@@ -270,6 +276,18 @@ class JobQueue:
                 .where(InstanceRow.id == instance_id)
                 .values(state=InstanceState.DONE)
             )
+
+    def spool_file_if_done(self, instance_id: int) -> str | None:
+        """The spool file of an instance whose every job is done (it may be removed)."""
+        with self._engine.connect() as connection:
+            row = connection.execute(
+                select(InstanceRow.spool_name, InstanceRow.state).where(
+                    InstanceRow.id == instance_id
+                )
+            ).one_or_none()
+        if row is None or row[1] != InstanceState.DONE:
+            return None
+        return str(row[0])
 
     def extend(self, lease: Lease, lease_seconds: float) -> bool:
         """Heartbeat: push the expiry out while the lease holds."""

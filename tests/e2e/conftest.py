@@ -163,6 +163,8 @@ class NodeUnderTest:
                         str(port),
                         "--bind",
                         HOST,
+                        "--workers",
+                        "0",  # ingest only: the jobs must stay pending
                     ),
                     cwd=self.cwd,
                     env=self.env,

@@ -1,0 +1,230 @@
+"""Forwarding end to end (issue "forwarding", first slice): DCMTK storescu -> router ->
+DCMTK storescp destinations chosen by rules, with real serve, dispatcher and worker
+processes and ZeroMQ between them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from ingest_support import (
+    HOST,
+    assert_same_dataset,
+    free_port,
+    make_dataset,
+    require_dcmtk,
+    write_part10,
+)
+from pydicom import dcmread
+
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+def _cli(*args: str) -> list[str]:
+    script = Path(sys.executable).parent / "dicom-router"
+    return [str(script), *args] if script.exists() else [sys.executable, "-m", "router.cli", *args]
+
+
+class Destination:
+    def __init__(self, root: Path, name: str, port: int | None = None) -> None:
+        self.name = name
+        self.port = port or free_port()
+        self.out = root / f"received-{name}"
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                require_dcmtk("storescp"),
+                "-aet",
+                self.name.upper(),
+                "-od",
+                str(self.out),
+                str(self.port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def received(self) -> dict[str, Path]:
+        return {
+            str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p
+            for p in self.out.iterdir()
+            if p.is_file()
+        }
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[dict[str, object]]:
+    data = tmp_path / "data"
+    env = {
+        **os.environ,
+        "DICOM_ROUTER_DATA_DIR": str(data),
+        "DICOM_ROUTER_WORKERS_RETRY_BASE": "0.3",
+        "DICOM_ROUTER_WORKERS_RETRY_CAP": "1",
+    }
+    subprocess.run(_cli("init"), env=env, check=True, capture_output=True, timeout=60)
+    state: dict[str, object] = {"data": data, "env": env, "port": free_port()}
+    yield state
+    proc = state.get("proc")
+    if isinstance(proc, subprocess.Popen) and proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def _configure(node: dict[str, object], *args: str) -> None:
+    subprocess.run(_cli(*args), env=node["env"], check=True, capture_output=True, timeout=60)  # type: ignore[arg-type]
+
+
+def _serve(node: dict[str, object], log: Path) -> None:
+    with open(log, "ab") as out:
+        node["proc"] = subprocess.Popen(
+            _cli("-v", "serve", "--port", str(node["port"]), "--bind", HOST),
+            env=node["env"],
+            stdout=out,
+            stderr=out,
+            start_new_session=True,  # type: ignore[arg-type]
+        )
+    echoscu = require_dcmtk("echoscu")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if (
+            subprocess.run(
+                [echoscu, "-aec", "ROUTER", HOST, str(node["port"])], capture_output=True
+            ).returncode
+            == 0
+        ):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"serve did not come up: {log.read_text()}")
+
+
+def _jobs(node: dict[str, object]) -> list[tuple[str, str]]:
+    with contextlib.closing(sqlite3.connect(Path(str(node["data"])) / "router.sqlite")) as db:
+        return db.execute(
+            "select d.name, j.state from jobs j join destinations d on d.id = j.destination_id"
+        ).fetchall()
+
+
+def _wait_for(predicate: object, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_instances_reach_the_destinations_their_rules_name(
+    node: dict[str, object], tmp_path: Path
+) -> None:
+    pacs, archive = Destination(tmp_path, "pacs"), Destination(tmp_path, "archive")
+    for destination in (pacs, archive):
+        destination.start()
+        _configure(
+            node,
+            "destinations",
+            "add",
+            destination.name,
+            "--aet",
+            destination.name.upper(),
+            "--host",
+            HOST,
+            "--port",
+            str(destination.port),
+            "--max-associations",
+            "1",
+        )
+    _configure(node, "rules", "add", "ct", "--when", "Modality == CT", "--to", "pacs,archive")
+    _configure(node, "rules", "add", "mr", "--when", "Modality == MR", "--to", "archive")
+    _serve(node, tmp_path / "serve.log")
+    study = tmp_path / "study"
+    study.mkdir()
+    sent = {}
+    for i in range(20):
+        ds = make_dataset("CT" if i % 2 else "MR")
+        write_part10(ds, study / f"{i}.dcm")
+        sent[str(ds.SOPInstanceUID)] = ds
+    result = subprocess.run(
+        [require_dcmtk("storescu"), "-aec", "ROUTER", "+sd", HOST, str(node["port"]), str(study)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    ct = {uid for uid, ds in sent.items() if ds.Modality == "CT"}
+    assert _wait_for(lambda: len(archive.received()) == 20 and len(pacs.received()) == 10, 60), (
+        tmp_path / "serve.log"
+    ).read_text()[-3000:]
+    assert set(pacs.received()) == ct
+    assert set(archive.received()) == set(sent)
+    for uid, path in archive.received().items():
+        assert_same_dataset(path, sent[uid], EXPLICIT_LE)
+    assert _wait_for(lambda: {state for _, state in _jobs(node)} == {"done"}, 30)
+    store = Path(str(node["data"])) / "spool" / "store"
+    assert _wait_for(lambda: not any(p.is_file() for p in store.rglob("*")), 30)
+    for destination in (pacs, archive):
+        destination.stop()
+
+
+def test_a_destination_that_comes_up_later_receives_everything(
+    node: dict[str, object], tmp_path: Path
+) -> None:
+    late = Destination(tmp_path, "late")
+    _configure(
+        node,
+        "destinations",
+        "add",
+        "late",
+        "--aet",
+        "LATE",
+        "--host",
+        HOST,
+        "--port",
+        str(late.port),
+        "--max-associations",
+        "1",
+    )
+    _configure(node, "rules", "add", "all", "--to", "late")
+    _serve(node, tmp_path / "serve.log")
+    study = tmp_path / "study"
+    study.mkdir()
+    for i in range(5):
+        write_part10(make_dataset("CT"), study / f"{i}.dcm")
+    result = subprocess.run(
+        [require_dcmtk("storescu"), "-aec", "ROUTER", "+sd", HOST, str(node["port"]), str(study)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    # Refused connections are retried with backoff: attempts are recorded meanwhile.
+    assert _wait_for(lambda: any(state == "retry_wait" for _, state in _jobs(node)), 30)
+    late.start()
+    try:
+        assert _wait_for(lambda: len(late.received()) == 5, 60), (
+            tmp_path / "serve.log"
+        ).read_text()[-3000:]
+        assert _wait_for(lambda: {state for _, state in _jobs(node)} == {"done"}, 30)
+        with contextlib.closing(sqlite3.connect(Path(str(node["data"])) / "router.sqlite")) as db:
+            outcomes = [row[0] for row in db.execute("select outcome from attempts")]
+        assert "retry" in outcomes and outcomes.count("done") == 5
+    finally:
+        late.stop()
