@@ -21,7 +21,7 @@ import zmq
 import zmq.asyncio
 
 from protocol.net import Timeouts
-from router.db.jobs import JobQueue, Lease
+from router.db.jobs import JobQueue, Lease, Result
 from router.db.models import JobState
 from router.messages import Bye, Credit, Hello, LeaseMessage, MessageError, decode
 from router.spool import Spool
@@ -60,6 +60,8 @@ class Worker:
         self._pools: dict[str, DestinationPool] = {}
         self._rng = random.Random()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._results: list[Result] = []
+        self._results_ready = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
         context = zmq.asyncio.Context()
@@ -68,6 +70,7 @@ class Worker:
         socket.connect(self._endpoint)
         self._socket = socket
         await socket.send(Hello(self.name, self._destinations, self._credit).encode())
+        recorder = asyncio.ensure_future(self._record_results())
         last_beat = last_lease = time.monotonic()
         try:
             while not stop.is_set():
@@ -86,6 +89,10 @@ class Worker:
                     else:
                         await socket.send(Credit(0).encode())
             await self._finish_in_flight()
+            deadline = time.monotonic() + 10
+            while self._results and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)  # the recorder writes what the last sends produced
+            recorder.cancel()
             await socket.send(Bye().encode())
         finally:
             for pool in self._pools.values():
@@ -140,39 +147,38 @@ class Worker:
         state, when = policy.next_step(
             message.attempts + 1, message.deliveries, verdict, dt.datetime.now(dt.UTC), self._rng
         )
-        log_level = (
+        level = (
             logging.INFO
             if verdict in (Verdict.DONE, Verdict.DONE_WITH_WARNING)
             else logging.WARNING
         )
-        log.log(
-            log_level, "job %d to %s: %s -> %s", message.job, message.destination, reason, state
+        log.log(level, "job %d to %s: %s -> %s", message.job, message.destination, reason, state)
+        self._results.append(
+            self._result(message, state, verdict, reason, outcome, started, duration_ms, when)
         )
-        loop = asyncio.get_running_loop()
-        try:
-            recorded = await loop.run_in_executor(
-                None,
-                self._record,
-                message,
-                state,
-                verdict,
-                reason,
-                outcome,
-                started,
-                duration_ms,
-                when,
-            )
-            if recorded and state == "done":
-                name = await loop.run_in_executor(
-                    None, self._queue.spool_file_if_done, message.instance
-                )
-                if name is not None:
-                    self._spool.remove(name)
-        except Exception as exc:  # the database is the record: the lease will expire
-            log.warning("job %d: could not record the result: %s", message.job, exc)
-        await self._socket.send(Credit(1).encode())
+        self._results_ready.set()
 
-    def _record(
+    async def _record_results(self) -> None:
+        """Group commit of results: whatever finished while the previous batch was being
+        written goes in the next single transaction."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._results_ready.wait()
+            self._results_ready.clear()
+            batch, self._results = self._results, []
+            if not batch:
+                continue
+            try:
+                names = await loop.run_in_executor(None, self._queue.finish_many, batch)
+            except Exception as exc:  # the database is the record: the leases will expire
+                log.warning("could not record %d results: %s", len(batch), exc)
+                names = []
+            for name in names:
+                if name:
+                    self._spool.remove(name)  # every job of that instance is done
+            await self._socket.send(Credit(len(batch)).encode())
+
+    def _result(
         self,
         message: LeaseMessage,
         state: str,
@@ -182,7 +188,7 @@ class Worker:
         started: dt.datetime,
         duration_ms: int,
         when: dt.datetime | None,
-    ) -> bool:
+    ) -> Result:
         lease = Lease(
             job_id=message.job,
             instance_id=message.instance,
@@ -203,13 +209,6 @@ class Worker:
             deliveries=message.deliveries,
         )
         error = None if verdict is Verdict.DONE else reason
-        return self._queue.finish(
-            lease,
-            _STATE[state],
-            outcome=verdict.value,
-            started_at=started,
-            duration_ms=duration_ms,
-            dimse_status=outcome.status,
-            error=error,
-            next_attempt_at=when,
+        return Result(
+            lease, _STATE[state], verdict.value, started, duration_ms, outcome.status, error, when
         )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -57,6 +57,20 @@ class Lease:
     expires_at: dt.datetime
     attempts: int
     deliveries: int
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """One finished attempt, to record under its lease."""
+
+    lease: Lease
+    state: JobState
+    outcome: str
+    started_at: dt.datetime
+    duration_ms: int
+    dimse_status: int | None = None
+    error: str | None = None
+    next_attempt_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,72 +236,79 @@ class JobQueue:
     ) -> bool:
         """Record one attempt and move the job to ``state`` (done, retry_wait or dead).
         Returns False, writing nothing, when the lease no longer holds."""
-        if state not in (JobState.DONE, JobState.RETRY_WAIT, JobState.DEAD):
-            raise ValueError(f"a finished attempt cannot leave the job {state}")
+        result = Result(
+            lease, state, outcome, started_at, duration_ms, dimse_status, error, next_attempt_at
+        )
+        return self.finish_many([result])[0] is not None
+
+    def finish_many(self, results: Sequence[Result]) -> list[str | None]:
+        """``finish`` for a batch in ONE transaction (a worker's group commit). For each
+        result: None when its lease no longer held (nothing written), else "" or, when
+        the job completed its instance, that instance's spool file name (now removable)."""
+        for result in results:
+            if result.state not in (JobState.DONE, JobState.RETRY_WAIT, JobState.DEAD):
+                raise ValueError(f"a finished attempt cannot leave the job {result.state}")
         now = self._clock()
         with self._write() as connection:
-            changed = connection.execute(
-                update(JobRow)
-                .where(
-                    JobRow.id == lease.job_id,
-                    JobRow.state == JobState.LEASED,
-                    JobRow.lease_owner == lease.token,
-                )
-                .values(
-                    state=state,
-                    attempts=JobRow.attempts + 1,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    last_status=dimse_status,
-                    last_error=error,
-                    next_attempt_at=next_attempt_at or now,
-                    updated_at=now,
-                )
-            ).rowcount
-            if not changed:
-                return False
-            destination_id = connection.execute(
-                select(JobRow.destination_id).where(JobRow.id == lease.job_id)
-            ).scalar_one()
-            connection.execute(
-                AttemptRow.__table__.insert().values(  # type: ignore[attr-defined]
-                    job_id=lease.job_id,
-                    destination_id=destination_id,
-                    started_at=started_at,
-                    duration_ms=duration_ms,
-                    outcome=outcome,
-                    dimse_status=dimse_status,
-                    error=error,
-                )
-            )
-            if state is JobState.DONE:
-                self._mark_instance_done(connection, lease.instance_id)
-            return True
+            return [self._finish_one(connection, result, now) for result in results]
 
-    def _mark_instance_done(self, connection: Connection, instance_id: int) -> None:
+    def _finish_one(self, connection: Connection, result: Result, now: dt.datetime) -> str | None:
+        lease = result.lease
+        changed = connection.execute(
+            update(JobRow)
+            .where(
+                JobRow.id == lease.job_id,
+                JobRow.state == JobState.LEASED,
+                JobRow.lease_owner == lease.token,
+            )
+            .values(
+                state=result.state,
+                attempts=JobRow.attempts + 1,
+                lease_owner=None,
+                lease_expires_at=None,
+                last_status=result.dimse_status,
+                last_error=result.error,
+                next_attempt_at=result.next_attempt_at or now,
+                updated_at=now,
+            )
+        ).rowcount
+        if not changed:
+            return None
+        destination_id = connection.execute(
+            select(JobRow.destination_id).where(JobRow.id == lease.job_id)
+        ).scalar_one()
+        connection.execute(
+            AttemptRow.__table__.insert().values(  # type: ignore[attr-defined]
+                job_id=lease.job_id,
+                destination_id=destination_id,
+                started_at=result.started_at,
+                duration_ms=result.duration_ms,
+                outcome=result.outcome,
+                dimse_status=result.dimse_status,
+                error=result.error,
+            )
+        )
+        if result.state is JobState.DONE:
+            return self._mark_instance_done(connection, lease.instance_id)
+        return ""
+
+    def _mark_instance_done(self, connection: Connection, instance_id: int) -> str:
         left = connection.execute(
             select(func.count(JobRow.id)).where(
                 JobRow.instance_id == instance_id, JobRow.state != JobState.DONE
             )
         ).scalar_one()
-        if left == 0:
-            connection.execute(
-                update(InstanceRow)
-                .where(InstanceRow.id == instance_id)
-                .values(state=InstanceState.DONE)
-            )
-
-    def spool_file_if_done(self, instance_id: int) -> str | None:
-        """The spool file of an instance whose every job is done (it may be removed)."""
-        with self._engine.connect() as connection:
-            row = connection.execute(
-                select(InstanceRow.spool_name, InstanceRow.state).where(
-                    InstanceRow.id == instance_id
-                )
-            ).one_or_none()
-        if row is None or row[1] != InstanceState.DONE:
-            return None
-        return str(row[0])
+        if left:
+            return ""
+        connection.execute(
+            update(InstanceRow)
+            .where(InstanceRow.id == instance_id)
+            .values(state=InstanceState.DONE)
+        )
+        name = connection.execute(
+            select(InstanceRow.spool_name).where(InstanceRow.id == instance_id)
+        ).scalar_one()
+        return str(name)
 
     def extend(self, lease: Lease, lease_seconds: float) -> bool:
         """Heartbeat: push the expiry out while the lease holds."""
