@@ -598,6 +598,118 @@ def queue_status(context: Context, as_json: bool) -> None:
         click.echo(f"unrouted instances (matched no rule, kept): {instances['unrouted']}")
 
 
+def _job_queue(context: Context) -> Any:
+    from router.db.jobs import JobQueue
+
+    repository = context.repository()  # checks the schema
+    return JobQueue(repository.engine)
+
+
+def _job_row(job: Any) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "instance": job.instance_id,
+        "destination": job.destination,
+        "state": str(job.state),
+        "priority": job.priority,
+        "attempts": job.attempts,
+        "deliveries": job.deliveries,
+        "next_attempt_at": job.next_attempt_at.isoformat(),
+        "last_status": None if job.last_status is None else f"0x{job.last_status:04X}",
+        "last_error": job.last_error,
+    }
+
+
+_JOB_STATES = click.Choice(["pending", "leased", "retry_wait", "done", "dead"])
+
+
+@queue.command("list")
+@click.option("--state", type=_JOB_STATES, help="only jobs in this state")
+@click.option("--destination", help="only jobs for this destination")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 100_000))
+@json_option
+@pass_context
+def queue_list(
+    context: Context, state: str | None, destination: str | None, limit: int, as_json: bool
+) -> None:
+    """Jobs, oldest first."""
+    rows = [_job_row(j) for j in _job_queue(context).list_jobs(state, destination, limit)]
+    _emit(
+        as_json,
+        rows,
+        ["id", "destination", "state", "attempts", "last_status", "last_error", "next_attempt_at"],
+        "jobs",
+    )
+
+
+@queue.command("show")
+@click.argument("job_id", type=int)
+@json_option
+@pass_context
+def queue_show(context: Context, job_id: int, as_json: bool) -> None:
+    """One job, its instance and every attempt."""
+    job = _job_queue(context).get_job(job_id)
+    if job is None:
+        _fail(f"no job {job_id}")
+    instance = context.repository().get_instance(job.instance_id)
+    row = _job_row(job)
+    row["sop_instance_uid"] = instance.sop_instance_uid
+    row["calling_aet"] = instance.calling_aet
+    row["attempts_history"] = [
+        {
+            "started_at": a.started_at.isoformat(),
+            "duration_ms": a.duration_ms,
+            "outcome": a.outcome,
+            "status": None if a.dimse_status is None else f"0x{a.dimse_status:04X}",
+            "error": a.error,
+        }
+        for a in job.history
+    ]
+    if as_json:
+        click.echo(json.dumps(row, indent=2))
+        return
+    for key, value in row.items():
+        if key != "attempts_history":
+            click.echo(f"{key:>17}: {_cell(value)}")
+    _emit(
+        False,
+        row["attempts_history"],
+        ["started_at", "duration_ms", "outcome", "status", "error"],
+        "attempts",
+    )
+
+
+@queue.command("retry")
+@click.argument("job_id", type=int, required=False)
+@click.option("--destination", help="every dead-lettered job of this destination")
+@json_option
+@pass_context
+def queue_retry(
+    context: Context, job_id: int | None, destination: str | None, as_json: bool
+) -> None:
+    """Send dead-lettered jobs again (one job, or all of a destination)."""
+    if job_id is None and destination is None:
+        _fail("name a JOB_ID or --destination")
+    count = _job_queue(context).retry_dead(job_id, destination)
+    _emit_one(as_json, {"retried": count}, f"{count} job(s) queued again")
+
+
+@queue.command("purge")
+@click.option("--state", type=click.Choice(["done", "dead"]), required=True)
+@click.option("--destination", help="only jobs for this destination")
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+@json_option
+@pass_context
+def queue_purge(
+    context: Context, state: str, destination: str | None, yes: bool, as_json: bool
+) -> None:
+    """Delete done or dead jobs (and their attempt rows)."""
+    if not yes and not click.confirm(f"delete every {state} job?", err=True):
+        _fail("nothing deleted")
+    count = _job_queue(context).purge(state, destination)
+    _emit_one(as_json, {"purged": count}, f"{count} job(s) deleted")
+
+
 # -- helpers -------------------------------------------------------------------------------------
 def _check_name(name: str, what: str) -> None:
     if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):

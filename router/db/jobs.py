@@ -21,7 +21,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine, and_, case, func, or_, select, update
+from sqlalchemy import Connection, Engine, and_, case, delete, func, or_, select, update
 
 from router.db.engine import WRITE_OPTION
 from router.db.models import (
@@ -96,6 +96,21 @@ class Job:
     last_error: str | None
     created_at: dt.datetime
     history: tuple[Attempt, ...] = ()
+
+
+_JOB_COLUMNS = (
+    JobRow.id,
+    JobRow.instance_id,
+    DestinationRow.name,
+    JobRow.state,
+    JobRow.priority,
+    JobRow.attempts,
+    JobRow.deliveries,
+    JobRow.next_attempt_at,
+    JobRow.last_status,
+    JobRow.last_error,
+    JobRow.created_at,
+)
 
 
 class JobQueue:
@@ -376,22 +391,42 @@ class JobQueue:
                 ).rowcount
             )
 
+    def purge(self, state: str, destination: str | None = None) -> int:
+        """`queue purge`: delete jobs in a final state (done or dead) with their attempts."""
+        if state not in (JobState.DONE, JobState.DEAD):
+            raise ValueError("only done or dead jobs can be purged")
+        where = [JobRow.state == state]
+        if destination is not None:
+            where.append(
+                JobRow.destination_id
+                == select(DestinationRow.id)
+                .where(DestinationRow.name == destination)
+                .scalar_subquery()
+            )
+        with self._write() as connection:
+            return int(connection.execute(delete(JobRow).where(*where)).rowcount)
+
+    def list_jobs(
+        self, state: str | None = None, destination: str | None = None, limit: int = 100
+    ) -> list[Job]:
+        """`queue list`: the oldest jobs first, optionally of one state and destination."""
+        query = (
+            select(*_JOB_COLUMNS)
+            .join(DestinationRow, DestinationRow.id == JobRow.destination_id)
+            .order_by(JobRow.created_at, JobRow.id)
+            .limit(limit)
+        )
+        if state is not None:
+            query = query.where(JobRow.state == state)
+        if destination is not None:
+            query = query.where(DestinationRow.name == destination)
+        with self._engine.connect() as connection:
+            return [Job(*row) for row in connection.execute(query)]
+
     def get_job(self, job_id: int) -> Job | None:
         with self._engine.connect() as connection:
             row = connection.execute(
-                select(
-                    JobRow.id,
-                    JobRow.instance_id,
-                    DestinationRow.name,
-                    JobRow.state,
-                    JobRow.priority,
-                    JobRow.attempts,
-                    JobRow.deliveries,
-                    JobRow.next_attempt_at,
-                    JobRow.last_status,
-                    JobRow.last_error,
-                    JobRow.created_at,
-                )
+                select(*_JOB_COLUMNS)
                 .join(DestinationRow, DestinationRow.id == JobRow.destination_id)
                 .where(JobRow.id == job_id)
             ).one_or_none()

@@ -287,3 +287,59 @@ def test_destinations_echo_to_nothing_fails_in_one_line(initialised: Run) -> Non
     assert (
         "C-ECHO to gone" in run("destinations", "echo", "gone", "--timeout", "2", ok=False).stderr
     )
+
+
+def test_queue_list_show_retry_purge(initialised: Run, tmp_path: Path) -> None:
+    import datetime as dt
+
+    from router.db.engine import make_engine
+    from router.db.jobs import JobQueue
+    from router.db.models import JobState
+    from router.db.repository import NewInstance, Repository
+
+    run = initialised
+    run("destinations", "add", "pacs", "--aet", "PACS", "--host", "h", "--port", "104")
+    engine = make_engine(f"sqlite:///{tmp_path / 'data' / 'router.sqlite'}")
+    repo = Repository(engine)
+    repo.record_instances(
+        [
+            NewInstance(
+                sop_instance_uid="1.2.3.4",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                transfer_syntax="1.2.840.10008.1.2.1",
+                study_instance_uid=None,
+                calling_aet="CT1",
+                called_aet="ROUTER",
+                peer_address="10.0.0.9",
+                spool_name="ab/" + "c" * 32 + ".dcm",
+                size=10,
+                digest="d" * 64,
+                destinations=("pacs",),
+                unrouted=False,
+            )
+        ]
+    )
+    queue = JobQueue(engine)
+    (lease,) = queue.lease("test", None, 1, 30)
+    queue.finish(
+        lease,
+        JobState.DEAD,
+        outcome="dead",
+        started_at=dt.datetime.now(dt.UTC),
+        duration_ms=3,
+        dimse_status=0xC000,
+        error="status 0xC000",
+    )
+    engine.dispose()
+
+    jobs = _json(run("queue", "list", "--state", "dead", "--json"))
+    assert [(j["id"], j["last_status"]) for j in jobs] == [(lease.job_id, "0xC000")]  # type: ignore[index, union-attr]
+    shown = _json(run("queue", "show", str(lease.job_id), "--json"))
+    assert shown["sop_instance_uid"] == "1.2.3.4"  # type: ignore[index]
+    assert shown["attempts_history"][0]["status"] == "0xC000"  # type: ignore[index]
+    assert "status 0xC000" in run("queue", "show", str(lease.job_id)).stdout
+    run("queue", "show", "999", ok=False)
+    run("queue", "retry", ok=False)
+    assert _json(run("queue", "retry", "--destination", "pacs", "--json")) == {"retried": 1}
+    assert _json(run("queue", "list", "--state", "pending", "--json"))[0]["attempts"] == 0  # type: ignore[index]
+    assert _json(run("queue", "purge", "--state", "dead", "--yes", "--json")) == {"purged": 0}
