@@ -88,6 +88,8 @@ class Worker:
                         )
                     else:
                         await socket.send(Credit(0).encode())
+                    for pool in self._pools.values():
+                        await pool.close_idle()  # associations unused for a while go
             await self._finish_in_flight()
             deadline = time.monotonic() + 10
             while self._results and time.monotonic() < deadline:

@@ -228,3 +228,100 @@ def test_a_destination_that_comes_up_later_receives_everything(
         assert "retry" in outcomes and outcomes.count("done") == 5
     finally:
         late.stop()
+
+
+def test_cannot_understand_is_dead_lettered_and_queue_retry_sends_it_again(
+    node: dict[str, object], tmp_path: Path
+) -> None:
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    answer = {"status": 0xC000}
+    received: list[str] = []
+
+    def on_store(event: object) -> int:
+        if answer["status"] == 0:
+            received.append(str(event.dataset.SOPInstanceUID))  # type: ignore[attr-defined]
+        return answer["status"]
+
+    ae = AE(ae_title="PICKY")
+    ae.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    server = ae.start_server((HOST, port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        _configure(
+            node,
+            "destinations",
+            "add",
+            "picky",
+            "--aet",
+            "PICKY",
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+        )
+        _configure(node, "rules", "add", "all", "--to", "picky")
+        _serve(node, tmp_path / "serve.log")
+        study = tmp_path / "study"
+        study.mkdir()
+        write_part10(make_dataset("CT"), study / "ct.dcm")
+        result = subprocess.run(
+            [
+                require_dcmtk("storescu"),
+                "-aec",
+                "ROUTER",
+                HOST,
+                str(node["port"]),
+                str(study / "ct.dcm"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        # 0xC000 goes to dead letter at once: one attempt, no retries.
+        assert _wait_for(lambda: [s for _, s in _jobs(node)] == ["dead"], 30)
+        with contextlib.closing(sqlite3.connect(Path(str(node["data"])) / "router.sqlite")) as db:
+            assert db.execute("select count(*), max(dimse_status) from attempts").fetchone() == (
+                1,
+                0xC000,
+            )
+        answer["status"] = 0x0000  # the destination is fixed
+        _configure(node, "queue", "retry", "--destination", "picky")
+        assert _wait_for(lambda: [s for _, s in _jobs(node)] == ["done"], 30)
+        assert len(received) == 1
+    finally:
+        server.shutdown()
+
+
+def test_sigterm_stops_serve_and_every_child_with_status_0(
+    node: dict[str, object], tmp_path: Path
+) -> None:
+    _configure(
+        node,
+        "destinations",
+        "add",
+        "nowhere",
+        "--aet",
+        "NOWHERE",
+        "--host",
+        HOST,
+        "--port",
+        str(free_port()),
+    )
+    _configure(node, "rules", "add", "all", "--to", "nowhere")
+    _serve(node, tmp_path / "serve.log")
+    proc = node["proc"]
+    assert isinstance(proc, subprocess.Popen)
+    group = os.getpgid(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)  # anyone left in serve's process group?
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("a child of serve outlived it")
