@@ -56,13 +56,14 @@ class RuleCache:
         self.sources: dict[str, tuple[str, ...]] = {}
 
     def load(self) -> None:
-        """Blocking: read the version, rules and sources (call from a thread)."""
+        """Read the version; reload rules and sources only when it moved (every change
+        to rules, destinations or sources bumps it). One small indexed read otherwise."""
         version = self._repository.rules_version()
         if version != self.version:
             self.rules = RuleSet.compile(self._repository.list_rules())
+            self.sources = {s.ae_title: tuple(s.addresses) for s in self._repository.list_sources()}
             self.version = version
             log.info("rules loaded (version %d, %d rules)", version, len(self.rules.rules))
-        self.sources = {s.ae_title: tuple(s.addresses) for s in self._repository.list_sources()}
 
     async def keep_fresh(self) -> None:
         loop = asyncio.get_running_loop()

@@ -133,7 +133,17 @@ async def run_listener(
         artim=listener.acse_timeout,
         idle=listener.idle_timeout,
     )
-    admit = known_sources_gate(lambda: rules.sources) if listener.accept == "known" else None
+    gate = known_sources_gate(lambda: rules.sources) if listener.accept == "known" else None
+
+    def admit(info: AssociationInfo, rq: AAssociateRQ) -> AAssociateRJ | None:
+        # A rule or source changed a moment ago applies to the next association, not
+        # only after the next periodic reload (one small read per association).
+        try:
+            rules.load()
+        except Exception as exc:  # keep the rules we have; the periodic reload retries
+            log.warning("could not reload rules: %s", exc)
+        return gate(info, rq) if gate is not None else None
+
     if listener.accept == "any":
         log.warning('listener.accept = "any": every calling AE title may store to this node')
     server = await start_server(

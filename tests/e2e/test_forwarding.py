@@ -325,3 +325,31 @@ def test_sigterm_stops_serve_and_every_child_with_status_0(
         time.sleep(0.1)
     else:
         raise AssertionError("a child of serve outlived it")
+
+
+def test_a_rule_added_while_serving_applies_to_the_next_association(
+    node: dict[str, object], tmp_path: Path
+) -> None:
+    _serve(node, tmp_path / "serve.log")
+    _configure(
+        node,
+        "destinations",
+        "add",
+        "pacs",
+        "--aet",
+        "PACS",
+        "--host",
+        HOST,
+        "--port",
+        str(free_port()),
+    )
+    _configure(node, "rules", "add", "ct", "--when", "Modality == CT", "--to", "pacs")
+    path = write_part10(make_dataset("CT"), tmp_path / "ct.dcm")
+    result = subprocess.run(
+        [require_dcmtk("storescu"), "-aec", "ROUTER", HOST, str(node["port"]), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert [name for name, _ in _jobs(node)] == ["pacs"]
