@@ -8,6 +8,8 @@ finishes jobs. The database is the record (DESIGN §3.2): a job whose lease expi
 its worker died, or the lease message was lost — is due again and leased anew, so the
 dispatcher keeps no state worth saving and rebuilds everything after a restart. A
 worker silent for ``worker_timeout`` seconds (it sends heartbeats) is forgotten.
+Listeners PUSH a ``job`` message after each commit (the fast path); without one the
+dispatcher still sweeps the database once per ``sweep`` seconds.
 """
 
 from __future__ import annotations
@@ -62,7 +64,16 @@ class Dispatcher:
         lease_seconds: float = 120.0,
         tick: float = 0.2,
         worker_timeout: float = 15.0,
+        notify_endpoint: str | None = None,
+        sweep: float = 1.0,
+        coalesce: float = 0.1,
     ) -> None:
+        self._notify_endpoint = notify_endpoint
+        self._sweep = sweep
+        # Notices within this interval share one lease transaction (bigger batches,
+        # fewer waits for SQLite's single write lock).
+        self._coalesce = coalesce
+        self._work = True
         self._queue = queue
         self._endpoint = endpoint
         self._lease_seconds = lease_seconds
@@ -75,16 +86,38 @@ class Dispatcher:
         socket = context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.bind(self._endpoint)
+        poller = zmq.asyncio.Poller()
+        poller.register(socket, zmq.POLLIN)
+        notices = None
+        if self._notify_endpoint:
+            notices = context.socket(zmq.PULL)
+            notices.setsockopt(zmq.LINGER, 0)
+            notices.bind(self._notify_endpoint)
+            poller.register(notices, zmq.POLLIN)
         log.info("dispatcher listening on %s", self._endpoint)
+        last_lease = 0.0
         try:
             while not stop.is_set():
-                if await socket.poll(int(self._tick * 1000)):
+                ready = dict(await poller.poll(int(min(self._tick, self._coalesce) * 1000)))
+                while socket in ready and await socket.poll(0):
                     identity, data = await socket.recv_multipart()
                     self._handle(identity, data)
+                while notices is not None and notices in ready and await notices.poll(0):
+                    await notices.recv()  # a listener committed new jobs
+                    self._work = True
                 self._forget_silent()
-                await self._dispatch(socket)
+                # Lease when told of new jobs or given credit, and otherwise once per
+                # sweep interval (retries coming due, expired leases): each lease is a
+                # write transaction, which the listeners' commits would queue behind.
+                now = time.monotonic()
+                since = now - last_lease
+                if (self._work and since >= self._coalesce) or since >= self._sweep:
+                    last_lease = now
+                    self._work = await self._dispatch(socket)
         finally:
             socket.close()
+            if notices is not None:
+                notices.close()
             context.term()
 
     def _handle(self, identity: bytes, data: bytes) -> None:
@@ -98,6 +131,7 @@ class Dispatcher:
             self._workers[identity] = _Worker(
                 message.worker, message.destinations, message.credit, now
             )
+            self._work = True
             log.info("worker %s connected (credit %d)", message.worker, message.credit)
             return
         worker = self._workers.get(identity)
@@ -106,6 +140,8 @@ class Dispatcher:
         worker.last_seen = now
         if isinstance(message, Credit):
             worker.credit += max(0, message.credit)
+            if message.credit > 0:
+                self._work = True  # capacity came back: a backlog may be waiting
         elif isinstance(message, Bye):
             del self._workers[identity]
             log.info("worker %s left", worker.name)
@@ -117,8 +153,10 @@ class Dispatcher:
                 log.warning("worker %s is silent; its leases will expire", worker.name)
                 del self._workers[identity]
 
-    async def _dispatch(self, socket: zmq.asyncio.Socket) -> None:
+    async def _dispatch(self, socket: zmq.asyncio.Socket) -> bool:
+        """Lease for every worker with credit; True if more work may be waiting."""
         loop = asyncio.get_running_loop()
+        more = False
         for identity, worker in list(self._workers.items()):
             if worker.credit <= 0:
                 continue
@@ -133,7 +171,9 @@ class Dispatcher:
                 )
             except Exception as exc:  # the database may be briefly unavailable
                 log.warning("dispatcher: leasing failed: %s", exc)
-                return
+                return True
             for lease in leases:
                 await socket.send_multipart([identity, lease_message(lease).encode()])
+            more = more or len(leases) == worker.credit
             worker.credit -= len(leases)
+        return more

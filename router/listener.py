@@ -31,7 +31,8 @@ from protocol.status import (
     SUCCESS,
 )
 from protocol.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, is_valid_uid
-from router.db.repository import NewInstance, Repository
+from router.db.repository import InstanceResult, NewInstance, Repository
+from router.messages import JobMessage
 from router.rules import InstanceFacts, RuleSet
 from router.settings import ListenerSettings
 from router.spool import Spool, SpoolFull, TempFile
@@ -87,9 +88,15 @@ class GroupCommitter:
     next one gathers, so concurrent associations share the directory fsync and the
     database commit; no success is answered before its own batch committed."""
 
-    def __init__(self, repository: Repository, spool: Spool) -> None:
+    def __init__(
+        self,
+        repository: Repository,
+        spool: Spool,
+        notify: Callable[[JobMessage], None] | None = None,
+    ) -> None:
         self._repository = repository
         self._spool = spool
+        self._notify = notify
         self._queue: list[_Pending] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -129,11 +136,18 @@ class GroupCommitter:
                     if not pending.future.done():
                         pending.future.set_exception(exc)
                 continue
-            for pending, instance_id in zip(batch, results, strict=True):
+            for pending, result in zip(batch, results, strict=True):
                 if not pending.future.done():
-                    pending.future.set_result(instance_id)
+                    pending.future.set_result(result.instance_id)
+                if self._notify is not None and result.new_jobs:
+                    record = pending.record
+                    targets = dict.fromkeys(record.destinations)
+                    for job, destination in zip(result.job_ids, targets, strict=False):
+                        self._notify(
+                            JobMessage(job, result.instance_id, destination, record.priority)
+                        )
 
-    def _commit(self, batch: list[_Pending]) -> list[int]:
+    def _commit(self, batch: list[_Pending]) -> list[InstanceResult]:
         # One thread hand-off per batch: fsync and rename every file, fsync their
         # directories, then one database transaction (DESIGN §3.1 order).
         if len(batch) == 1:
@@ -148,7 +162,7 @@ class GroupCommitter:
             if result.duplicate_of is not None:
                 # Same bytes, same pending jobs: the earlier copy stands (DESIGN §3.1).
                 self._spool.remove(record.spool_name)
-        return [r.instance_id for r in results]
+        return results
 
 
 class IngestSink:

@@ -7,6 +7,7 @@ tmp/ was acknowledged, and a committed file without an instance row never was ei
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -24,10 +25,31 @@ from router.db.engine import make_engine
 from router.db.migrate import check_schema
 from router.db.repository import Repository
 from router.listener import GroupCommitter, ListenerNode, RuleCache
+from router.messages import JobMessage
 from router.settings import ListenerSettings, Settings
 from router.spool import Spool
 
 log = logging.getLogger(__name__)
+
+
+def _job_notifier(settings: Settings) -> Callable[[JobMessage], None] | None:
+    """Tell the dispatcher of new jobs (the fast path; the database is the record). A
+    send that would block is dropped: the C-STORE response never waits for the queue
+    (catalogue RX-15), and the dispatcher's sweep finds the job anyway."""
+    if settings.workers.count == 0:
+        return None
+    import zmq
+
+    socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUSH)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.SNDHWM, 10_000)
+    socket.connect(settings.dispatcher_notify_endpoint)
+
+    def notify(message: JobMessage) -> None:
+        with contextlib.suppress(zmq.Again):
+            socket.send(message.encode(), zmq.NOBLOCK)
+
+    return notify
 
 
 def recover(settings: Settings, repository: Repository) -> None:
@@ -118,7 +140,7 @@ async def run_listener(
     spool = Spool(settings.spool_dir, settings.spool)
     rules = RuleCache(repository)
     await loop.run_in_executor(None, rules.load)
-    committer = GroupCommitter(repository, spool)
+    committer = GroupCommitter(repository, spool, notify=_job_notifier(settings))
     committer.start()
     listener = settings.listener
     node = ListenerNode(listener, repository, spool, rules, committer)
@@ -283,7 +305,10 @@ def _dispatcher_process(settings: Settings) -> None:
         engine = make_engine(settings.database_url)
         queue = JobQueue(engine, max_deliveries=settings.workers.max_deliveries)
         dispatcher = Dispatcher(
-            queue, settings.dispatcher_endpoint, lease_seconds=settings.workers.lease_seconds
+            queue,
+            settings.dispatcher_endpoint,
+            lease_seconds=settings.workers.lease_seconds,
+            notify_endpoint=settings.dispatcher_notify_endpoint,
         )
         await dispatcher.run(_stop_event())
         engine.dispose()

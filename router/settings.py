@@ -94,6 +94,11 @@ class Settings:
         return f"ipc://{tempfile.gettempdir()}/dicom-router-{digest}.ipc"
 
     @property
+    def dispatcher_notify_endpoint(self) -> str:
+        """ipc:// endpoint where listeners PUSH notices of new jobs to the dispatcher."""
+        return self.dispatcher_endpoint.replace(".ipc", "-jobs.ipc")
+
+    @property
     def config_path(self) -> Path:
         return self.data_dir / "config.toml"
 
