@@ -2,100 +2,126 @@
 
 ZeroMQ is the fast path, the database the record (DESIGN §3.2): a message only says
 "look at row N"; losing one costs latency (the sweeper finds the job again), never data.
-Each message is a msgpack map with at least ``"v"`` (the schema version, an int) and
-``"t"`` (the type, a str). Unknown keys are ignored, so a newer sender can add fields;
-a message with a different major version or an unknown type is refused with
-``MessageError``.
 
-``job`` (v 1), listener -> dispatcher, after the instance and its jobs are committed::
+Envelope and rules. A message is a msgpack map with ``"v"`` (the major version, an int,
+now 1), ``"t"`` (its type, a str) and its fields. ``decode`` refuses with
+``MessageError``: bytes that are not one msgpack map, another major version, an unknown
+type, a missing required field, or a field of the wrong type (a bool is not an int, text
+is a msgpack str, bytes a msgpack bin). Unknown keys are ignored, so a sender of a later
+minor revision may add fields; a field added in a minor revision is optional and read
+with its default (in brackets below). Revision 1.0: job, hello, credit, lease, bye.
+Revision 1.1: hello ``minor`` and ``"all"``, lease ``sop_instance`` and ``expires``,
+result, heartbeat, fetch, chunk (``MINOR`` = 1). Times are seconds since the Unix epoch
+(UTC), a float (an int is read as one), finite and not negative.
 
-    {"v": 1, "t": "job", "job": <int job id>, "instance": <int instance id>,
-     "destination": <str destination name>, "priority": <int, 0 medium, 1 high, 2 low>}
+Listener -> dispatcher (PUSH/PULL), after the instance and its jobs are committed::
 
-Between a worker (ZeroMQ DEALER) and the dispatcher (ROUTER); the worker writes each
-result to the database itself, under its lease (router/db/jobs.py)::
+    job        {"job": int, "instance": int, "destination": str, "priority": int [0]}
+               priority: 0 medium, 1 high, 2 low
 
-    hello   worker -> dispatcher  {"v": 1, "t": "hello", "worker": <str id>,
-                                   "destinations": <list of str, or None for all>,
-                                   "credit": <int: how many leases it can hold>}
-    credit  worker -> dispatcher  {"v": 1, "t": "credit", "credit": <int more leases>}
-    lease   dispatcher -> worker  {"v": 1, "t": "lease", "job": <int>, "instance": <int>,
-                                   "destination": <str>, "ae_title": <str>, "host": <str>,
-                                   "port": <int>, "max_associations": <int>,
-                                   "max_retries": <int>, "spool_name": <str>,
-                                   "transfer_syntax": <str>, "sop_class": <str>,
-                                   "token": <str>, "attempts": <int>, "deliveries": <int>}
-    bye     worker -> dispatcher  {"v": 1, "t": "bye"}: it stops; its leases come back
+Worker (DEALER) <-> dispatcher (ROUTER), over ipc:// on the node's host and tcp:// from
+others. A worker says hello with its credit; the dispatcher sends at most that many
+leases, one credit each; the worker gives credit back as it finishes. A result counts only
+while its token still holds the job's lease (router/db/jobs.py)::
+
+    hello      w -> d  {"worker": str, "destinations": [str, ...] | "all",
+                        "credit": uint (leases it can hold), "minor": uint [0]}
+                       (nil destinations, as 1.0 wrote them, also mean "all")
+    credit     w -> d  {"credit": uint}: that many more leases; 0 is a keep-alive
+    lease      d -> w  {"job": uint, "instance": uint, "destination": str, "ae_title": str,
+                        "host": str, "port": uint, "max_associations": uint,
+                        "max_retries": uint, "spool_name": str, "transfer_syntax": str,
+                        "sop_class": str, "sop_instance": str [""], "token": str,
+                        "expires": float [0.0, unknown], "attempts": uint,
+                        "deliveries": uint}
+                       attempts: finished before this lease; deliveries: leases handed out,
+                       this one included; expires: when the token stops counting
+    result     w -> d  {"job": uint, "token": str, "verdict": "done" | "done_with_warning"
+                        | "retry" | "dead", "status": uint16 | nil, "error": str,
+                        "started": float, "duration_ms": uint}
+                       status nil: the attempt ended without one (error says why)
+    heartbeat  both    {}: the sender is alive (a worker not heard from loses its leases)
+    bye        w -> d  {}: it stops; its leases come back
+
+A worker without the node's filesystem reads a spool file in chunks over the same
+socket. The node answers only for a file under a live lease with that token (the names
+alone must not open the spool to anyone who can reach the port)::
+
+    fetch      w -> d  {"spool_name": str, "token": str, "offset": uint,
+                        "length": 1..MAX_CHUNK}
+    chunk      d -> w  {"spool_name": str, "offset": uint, "data": bin (<= MAX_CHUNK bytes),
+                        "eof": bool, "error": str [""]}: error non-empty means no data
+                        ("not found", "not leased")
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, cast
 
 import msgpack
 
-VERSION = 1
+VERSION = 1  # the major version: a message with another "v" is refused
+MINOR = 1  # this module's revision within VERSION, announced in hello
+MAX_CHUNK = 1 << 20  # bytes per fetch; well under ZeroMQ's message limits
+VERDICTS = frozenset({"done", "done_with_warning", "retry", "dead"})  # workers.retry.Verdict
 
 
 class MessageError(ValueError):
     """Bytes that are not a message this version understands."""
 
 
+class _Message:
+    """Shared encoding: the envelope, then every dataclass field under its own name."""
+
+    __slots__ = ()
+    TYPE: ClassVar[str]
+
+    def _fields(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+    def encode(self) -> bytes:
+        data: bytes = msgpack.packb(
+            {"v": VERSION, "t": self.TYPE, **self._fields()}, use_bin_type=True
+        )
+        return data
+
+
 @dataclass(frozen=True, slots=True)
-class JobMessage:
+class JobMessage(_Message):
+    TYPE: ClassVar[str] = "job"
     job: int
     instance: int
     destination: str
     priority: int = 0
 
-    def encode(self) -> bytes:
-        payload = {
-            "v": VERSION,
-            "t": "job",
-            "job": self.job,
-            "instance": self.instance,
-            "destination": self.destination,
-            "priority": self.priority,
-        }
-        data: bytes = msgpack.packb(payload, use_bin_type=True)
-        return data
-
 
 @dataclass(frozen=True, slots=True)
-class Hello:
+class Hello(_Message):
+    TYPE: ClassVar[str] = "hello"
     worker: str
-    destinations: tuple[str, ...] | None
+    destinations: tuple[str, ...] | None  # None: every destination
+    credit: int
+    minor: int = MINOR
+
+    def _fields(self) -> dict[str, Any]:
+        fields = _Message._fields(self)
+        fields["destinations"] = "all" if self.destinations is None else list(self.destinations)
+        return fields
+
+
+@dataclass(frozen=True, slots=True)
+class Credit(_Message):
+    TYPE: ClassVar[str] = "credit"
     credit: int
 
-    def encode(self) -> bytes:
-        destinations = None if self.destinations is None else list(self.destinations)
-        return _pack(
-            {
-                "t": "hello",
-                "worker": self.worker,
-                "destinations": destinations,
-                "credit": self.credit,
-            }
-        )
-
 
 @dataclass(frozen=True, slots=True)
-class Credit:
-    credit: int
-
-    def encode(self) -> bytes:
-        return _pack({"t": "credit", "credit": self.credit})
-
-
-@dataclass(frozen=True, slots=True)
-class Bye:
-    def encode(self) -> bytes:
-        return _pack({"t": "bye"})
-
-
-@dataclass(frozen=True, slots=True)
-class LeaseMessage:
+class LeaseMessage(_Message):
+    TYPE: ClassVar[str] = "lease"
     job: int
     instance: int
     destination: str
@@ -110,92 +136,232 @@ class LeaseMessage:
     token: str
     attempts: int
     deliveries: int
-
-    def encode(self) -> bytes:
-        payload: dict[str, Any] = {"t": "lease"}
-        for name in self.__dataclass_fields__:
-            payload[name] = getattr(self, name)
-        return _pack(payload)
+    sop_instance: str = ""  # 1.1
+    expires: float = 0.0  # 1.1; 0.0: not given
 
 
-Message = JobMessage | Hello | Credit | Bye | LeaseMessage
+@dataclass(frozen=True, slots=True)
+class ResultMessage(_Message):
+    TYPE: ClassVar[str] = "result"
+    job: int
+    token: str
+    verdict: str  # one of VERDICTS
+    status: int | None  # the DIMSE status, None when the attempt ended without one
+    error: str  # reason or error text; "" on plain success
+    started: float
+    duration_ms: int
 
 
-def _pack(payload: dict[str, Any]) -> bytes:
-    data: bytes = msgpack.packb({"v": VERSION, **payload}, use_bin_type=True)
-    return data
+@dataclass(frozen=True, slots=True)
+class Heartbeat(_Message):
+    TYPE: ClassVar[str] = "heartbeat"
 
 
-def decode(data: bytes) -> Message:
-    try:
-        payload: Any = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except (ValueError, msgpack.UnpackException) as exc:
-        raise MessageError(f"not a msgpack message: {exc}") from None
-    if not isinstance(payload, dict):
-        raise MessageError("a message must be a msgpack map")
-    if payload.get("v") != VERSION:
-        raise MessageError(f"unsupported message version {payload.get('v')!r}")
-    kind = payload.get("t")
-    if kind == "job":
-        return _job(payload)
-    if kind == "hello":
-        destinations = payload.get("destinations")
-        if destinations is not None and not (
-            isinstance(destinations, list) and all(isinstance(d, str) for d in destinations)
-        ):
-            raise MessageError("hello destinations must be a list of names or null")
-        return Hello(
-            _field(payload, "worker", str),
-            None if destinations is None else tuple(destinations),
-            _field(payload, "credit", int),
-        )
-    if kind == "credit":
-        return Credit(_field(payload, "credit", int))
-    if kind == "bye":
-        return Bye()
-    if kind == "lease":
-        values = {}
-        for name, kind_of in _LEASE_FIELDS.items():
-            values[name] = _field(payload, name, kind_of)
-        return LeaseMessage(**values)
-    raise MessageError(f"unknown message type {kind!r}")
+@dataclass(frozen=True, slots=True)
+class Fetch(_Message):
+    TYPE: ClassVar[str] = "fetch"
+    spool_name: str
+    token: str
+    offset: int
+    length: int
 
 
-_LEASE_FIELDS: dict[str, type] = {
-    "job": int,
-    "instance": int,
-    "destination": str,
-    "ae_title": str,
-    "host": str,
-    "port": int,
-    "max_associations": int,
-    "max_retries": int,
-    "spool_name": str,
-    "transfer_syntax": str,
-    "sop_class": str,
-    "token": str,
-    "attempts": int,
-    "deliveries": int,
-}
+@dataclass(frozen=True, slots=True)
+class Chunk(_Message):
+    TYPE: ClassVar[str] = "chunk"
+    spool_name: str
+    offset: int
+    data: bytes
+    eof: bool
+    error: str = ""
 
 
-def _field(payload: dict[str, Any], name: str, kind: type) -> Any:
-    if name not in payload:
-        raise MessageError(f"{payload.get('t')} message without {name!r}")
-    value = payload[name]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise MessageError(f"{payload.get('t')} message field {name!r} has the wrong type")
+@dataclass(frozen=True, slots=True)
+class Bye(_Message):
+    TYPE: ClassVar[str] = "bye"
+
+
+Message = (
+    JobMessage | Hello | Credit | LeaseMessage | ResultMessage | Heartbeat | Fetch | Chunk | Bye
+)
+
+
+# -- decoding -----------------------------------------------------------------------------
+class _Bad(Exception):
+    """A field value that fails its check; decode() names the message and the field."""
+
+
+def _int(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _Bad("must be an int")
     return value
 
 
-def _job(payload: dict[str, Any]) -> JobMessage:
+def _uint(value: Any) -> int:
+    if _int(value) < 0:
+        raise _Bad("must not be negative")
+    return int(value)
+
+
+def _status(value: Any) -> int | None:
+    if value is not None and not 0 <= _int(value) <= 0xFFFF:
+        raise _Bad("must be a 16-bit status or nil")
+    return value if value is None else int(value)
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Bad("must be a str")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Bad("must be a bool")
+    return value
+
+
+def _time(value: Any) -> float:
+    # An int is accepted: a sender in another language may write whole seconds so.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Bad("must be a number")
+    if not (math.isfinite(value) and value >= 0):
+        raise _Bad("must be finite and not negative")
+    return float(value)
+
+
+def _length(value: Any) -> int:
+    if not 1 <= _int(value) <= MAX_CHUNK:
+        raise _Bad(f"must be 1..{MAX_CHUNK}")
+    return int(value)
+
+
+def _data(value: Any) -> bytes:
+    if not isinstance(value, bytes):
+        raise _Bad("must be bin")
+    if len(value) > MAX_CHUNK:
+        raise _Bad(f"must be at most {MAX_CHUNK} bytes")
+    return value
+
+
+def _verdict(value: Any) -> str:
+    if _str(value) not in VERDICTS:
+        raise _Bad(f"must be one of {sorted(VERDICTS)}")
+    return str(value)
+
+
+def _destinations(value: Any) -> tuple[str, ...] | None:
+    if value is None or value == "all":
+        return None
+    if isinstance(value, list) and all(isinstance(d, str) for d in value):
+        return tuple(value)
+    raise _Bad('must be a list of names or "all"')
+
+
+_Reader = Callable[[Any], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Optional:
+    """A field added in a minor revision: ``default`` when absent (an older sender)."""
+
+    read: _Reader
+    default: Any
+
+
+# Per type: its class and a reader per field (keys are the dataclass field names). Being
+# optional on the wire is declared here, not by the dataclass default: hello's ``minor``
+# defaults to this revision when built, to 0 (revision 1.0) when absent.
+_SCHEMAS: dict[str, tuple[type[_Message], dict[str, _Reader | _Optional]]] = {
+    "job": (
+        JobMessage,
+        {"job": _int, "instance": _int, "destination": _str, "priority": _Optional(_int, 0)},
+    ),
+    "hello": (
+        Hello,
+        {
+            "worker": _str,
+            "destinations": _destinations,
+            "credit": _uint,
+            "minor": _Optional(_uint, 0),
+        },
+    ),
+    "credit": (Credit, {"credit": _uint}),
+    "lease": (
+        LeaseMessage,
+        {
+            "job": _uint,
+            "instance": _uint,
+            "destination": _str,
+            "ae_title": _str,
+            "host": _str,
+            "port": _uint,
+            "max_associations": _uint,
+            "max_retries": _uint,
+            "spool_name": _str,
+            "transfer_syntax": _str,
+            "sop_class": _str,
+            "token": _str,
+            "attempts": _uint,
+            "deliveries": _uint,
+            "sop_instance": _Optional(_str, ""),
+            "expires": _Optional(_time, 0.0),
+        },
+    ),
+    "result": (
+        ResultMessage,
+        {
+            "job": _uint,
+            "token": _str,
+            "verdict": _verdict,
+            "status": _status,
+            "error": _str,
+            "started": _time,
+            "duration_ms": _uint,
+        },
+    ),
+    "heartbeat": (Heartbeat, {}),
+    "fetch": (Fetch, {"spool_name": _str, "token": _str, "offset": _uint, "length": _length}),
+    "chunk": (
+        Chunk,
+        {
+            "spool_name": _str,
+            "offset": _uint,
+            "data": _data,
+            "eof": _bool,
+            "error": _Optional(_str, ""),
+        },
+    ),
+    "bye": (Bye, {}),
+}
+
+
+def decode(data: bytes) -> Message:
+    """The message in ``data``; ``MessageError`` for anything else (see the module doc)."""
     try:
-        job, instance = payload["job"], payload["instance"]
-        destination, priority = payload["destination"], payload.get("priority", 0)
-    except KeyError as exc:
-        raise MessageError(f"job message without {exc.args[0]!r}") from None
-    if not (isinstance(job, int) and isinstance(instance, int) and isinstance(destination, str)):
-        raise MessageError("job message with fields of the wrong type")
-    if not isinstance(priority, int):
-        raise MessageError("job message priority must be an int")
-    return JobMessage(job, instance, destination, priority)
+        payload: Any = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise MessageError(f"not a msgpack message: {exc}") from None
+    if not isinstance(payload, dict):
+        raise MessageError("a message must be a msgpack map")
+    version = payload.get("v")
+    if not isinstance(version, int) or isinstance(version, bool) or version != VERSION:
+        raise MessageError(f"unsupported message version {version!r}")
+    kind = payload.get("t")
+    schema = _SCHEMAS.get(kind) if isinstance(kind, str) else None
+    if schema is None:
+        raise MessageError(f"unknown message type {kind!r}")
+    cls, readers = schema
+    values: dict[str, Any] = {}
+    for name, reader in readers.items():
+        read = reader.read if isinstance(reader, _Optional) else reader
+        if name in payload:
+            try:
+                values[name] = read(payload[name])
+            except _Bad as exc:
+                raise MessageError(f"{kind} message field {name!r} {exc}") from None
+        elif isinstance(reader, _Optional):
+            values[name] = reader.default
+        else:
+            raise MessageError(f"{kind} message without {name!r}")
+    return cast(Message, cls(**values))

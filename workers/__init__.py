@@ -1,0 +1,1 @@
+"""Forwarding workers: lease jobs from the dispatcher and send instances to destinations."""
