@@ -199,6 +199,13 @@ class SourceRow(Base):
 
 class InstanceRow(Base):
     __tablename__ = "instances"
+    __table_args__ = (
+        # "Which spool files may go?" (jobs.JobQueue.removable_spool_files) and "which
+        # routed instances have nothing left to do?" (after a purge).
+        Index(
+            "ix_instances_state_spool_removed_at_done_at", "state", "spool_removed_at", "done_at"
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), index=True)
@@ -214,14 +221,28 @@ class InstanceRow(Base):
     digest: Mapped[str] = mapped_column(String(64))  # sha256, lower-case hex
     state: Mapped[InstanceState] = mapped_column(_state_type(InstanceState, "instance_state"))
     received_at: Mapped[dt.datetime] = _created()
+    # When the last of its jobs was done (state DONE), and when its spool file was
+    # removed: a done instance whose file is not yet removed is still to clean up.
+    done_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    spool_removed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
 
 class JobRow(Base):
     __tablename__ = "jobs"
     __table_args__ = (
-        # "What is due?" and "what is queued for this destination?" (DESIGN §3.2).
-        Index("ix_jobs_state_next_attempt_at", "state", "next_attempt_at"),
-        Index("ix_jobs_destination_id_state", "destination_id", "state"),
+        # The first: the oldest job still to do (queue status). The second: what is due,
+        # which JobQueue.lease reads range by range in due order (DESIGN §3.2), and what
+        # is queued for a destination. No index may start (state, next_attempt_at):
+        # without statistics SQLite would walk it through every job of a state instead.
+        Index("ix_jobs_state_created_at", "state", "created_at"),
+        Index(
+            "ix_jobs_destination_id_state_priority_next_attempt_at",
+            "destination_id",
+            "state",
+            "priority",
+            "next_attempt_at",
+            "id",
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -236,7 +257,10 @@ class JobRow(Base):
     attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     deliveries: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     next_attempt_at: Mapped[dt.datetime] = _created()
+    # Who holds the lease (a worker's or dispatcher's name) and the lease's own random
+    # token: a result is written only while the job still carries that token.
     lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_token: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     last_status: Mapped[int | None] = mapped_column(Integer)  # DIMSE status of the last attempt
     last_error: Mapped[str | None] = mapped_column(Text)
@@ -248,6 +272,8 @@ class JobRow(Base):
 
 class AttemptRow(Base):
     __tablename__ = "attempts"
+    # Recent throughput (queue status) reads the attempts of the last minutes.
+    __table_args__ = (Index("ix_attempts_started_at", "started_at"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
