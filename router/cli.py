@@ -577,25 +577,134 @@ def queue() -> None:
 
 
 @queue.command("status")
+@click.option(
+    "--window",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(0.1, 24 * 60),
+    help="minutes of attempts to count",
+)
 @json_option
 @pass_context
-def queue_status(context: Context, as_json: bool) -> None:
-    """Jobs per destination and state, and the oldest pending job's age."""
-    from datetime import UTC, datetime
+def queue_status(context: Context, window: float, as_json: bool) -> None:
+    """Per destination: jobs by state, the oldest job still to do, recent attempts and
+    throughput."""
+    from datetime import timedelta
 
-    repo = context.repository()
-    rows = [{"destination": d, "state": s, "count": n} for d, s, n in repo.job_counts()]
-    age = repo.oldest_pending_age(datetime.now(UTC))
-    seconds = None if age is None else round(age.total_seconds(), 1)
-    instances = repo.instance_counts()
+    summary = _job_queue(context).status_summary(window=timedelta(minutes=window))
+    instances = context.repository().instance_counts()
+    rows = [_status_row(d) for d in summary.destinations]
+    oldest = summary.oldest_pending_age
+    seconds = None if oldest is None else round(oldest.total_seconds(), 1)
     if as_json:
-        report = {"jobs": rows, "oldest_pending_seconds": seconds, "instances": instances}
+        report = {
+            "destinations": rows,
+            "oldest_pending_seconds": seconds,
+            "window_minutes": window,
+            "attempts": summary.attempts,
+            "completed_per_minute": round(summary.completed_per_minute, 1),
+            "instances": instances,
+        }
         click.echo(json.dumps(report, indent=2))
         return
-    _emit(False, rows, ["destination", "state", "count"], "jobs")
-    click.echo(f"oldest pending job: {'none' if seconds is None else f'{seconds} s'}")
+    columns = ["destination", *_STATES, "oldest_pending_s", "attempts", "failed", "per_minute"]
+    _emit(False, rows, columns, f"jobs (attempts in the last {window:g} min)")
+    click.echo(f"oldest job still to do: {'none' if seconds is None else f'{seconds} s'}")
+    click.echo(f"forwarded per minute: {summary.completed_per_minute:.1f}")
     if instances.get("unrouted"):
         click.echo(f"unrouted instances (matched no rule, kept): {instances['unrouted']}")
+
+
+_STATES = ("pending", "leased", "retry_wait", "done", "dead")
+
+
+def _status_row(d: Any) -> dict[str, Any]:
+    age = d.oldest_pending_age
+    return {
+        "destination": d.destination,
+        **{state: getattr(d, state) for state in _STATES},
+        "oldest_pending_s": None if age is None else round(age.total_seconds(), 1),
+        "attempts": d.attempts,
+        "completed": d.completed,
+        "failed": d.failed,
+        "per_minute": round(d.completed_per_minute, 1),
+    }
+
+
+@main.command("status")
+@click.option(
+    "--echo/--no-echo",
+    default=True,
+    show_default=True,
+    help="also C-ECHO the node's listener",
+)
+@click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(0.1, 600))
+@json_option
+@pass_context
+def node_status(context: Context, echo: bool, timeout: float, as_json: bool) -> None:
+    """Whether the node and each of its processes are up; exit status 1 if not."""
+    from router.status import read_node_status
+
+    status = read_node_status(context.settings.data_dir)
+    reason = status.reason
+    answer = None
+    if echo and status.running:
+        answer, problem = _echo_listener(context.settings, timeout)
+        reason = reason or problem
+    rows = [
+        {
+            "process": p.name,
+            "pid": p.pid,
+            "state": "up" if p.up else "down",
+            "restarts": p.restarts,
+            "uptime_s": None if p.uptime is None else round(p.uptime),
+        }
+        for p in status.processes
+    ]
+    if as_json:
+        report = {"up": not reason, "reason": reason, "listener": answer, "processes": rows}
+        click.echo(json.dumps(report, indent=2))
+    elif rows:
+        _emit(False, rows, ["process", "pid", "state", "restarts", "uptime_s"], "node")
+        if answer:
+            click.echo(f"listener: {answer}")
+    if reason:
+        if as_json:
+            sys.exit(1)
+        _fail(reason)
+
+
+def _echo_listener(settings: Settings, timeout: float) -> tuple[str | None, str]:
+    """C-ECHO our own listener: (what it answered, or None; why it is not healthy)."""
+    from protocol.errors import AssociationRejected, ProtocolError
+    from protocol.net import ContextRequest, Timeouts, associate
+    from protocol.uids import EXPLICIT_VR_LE, IMPLICIT_VR_LE, VERIFICATION
+
+    listener = settings.listener
+    host = listener.bind if listener.bind not in ("", "0.0.0.0", "::") else "127.0.0.1"
+
+    async def echo() -> str:
+        started = time.perf_counter()
+        assoc = await associate(
+            host,
+            listener.port,
+            [ContextRequest(VERIFICATION, (EXPLICIT_VR_LE, IMPLICIT_VR_LE))],
+            called_ae=listener.ae_title,
+            calling_ae=listener.ae_title,
+            timeouts=Timeouts(connect=timeout, acse=timeout, dimse=timeout),
+        )
+        try:
+            status = await assoc.send_c_echo()
+        finally:
+            await assoc.release()
+        return f"C-ECHO status 0x{status:04X} in {(time.perf_counter() - started) * 1000:.1f} ms"
+
+    try:
+        return asyncio.run(echo()), ""
+    except AssociationRejected as exc:  # it answers; the accept policy said no to us
+        return f"answers (rejected our C-ECHO: {exc})", ""
+    except (ProtocolError, OSError, TimeoutError) as exc:
+        return None, f"the listener at {host}:{listener.port} does not answer: {exc}"
 
 
 def _job_queue(context: Context) -> Any:

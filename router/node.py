@@ -28,6 +28,7 @@ from router.listener import GroupCommitter, ListenerNode, RuleCache
 from router.messages import JobMessage
 from router.settings import ListenerSettings, Settings
 from router.spool import Spool
+from router.status import NodeStatusFile
 
 log = logging.getLogger(__name__)
 
@@ -224,12 +225,14 @@ class Supervisor:
             (f"listener-{i}", _listener_process, (listener_settings, count > 1))
             for i in range(count)
         ]
+        self._specs.append(("janitor", _janitor_process, (settings,)))
         if settings.workers.count > 0:
             self._specs.append(("dispatcher", _dispatcher_process, (settings,)))
             self._specs += [
                 (f"worker-{i}", _worker_process, (settings,)) for i in range(settings.workers.count)
             ]
         self._stopping = False
+        self._status = NodeStatusFile(settings.data_dir)
 
     def run(self) -> None:
         import multiprocessing
@@ -244,6 +247,7 @@ class Supervisor:
             child = spawn.Process(target=target, args=args, name=name, daemon=False)
             child.start()
             children[name], started[name] = child, time.monotonic()
+            self._status.child_started(name, child.pid)
 
         def stop(signum: int, _frame: object) -> None:
             self._stopping = True
@@ -253,6 +257,7 @@ class Supervisor:
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+        self._status.node_started()
         for name, target, args in self._specs:
             start(name, target, args)
         while not self._stopping:
@@ -274,6 +279,7 @@ class Supervisor:
             if child.is_alive():
                 child.kill()
                 child.join()
+        self._status.node_stopped()
 
 
 def _child_logging() -> None:
@@ -293,6 +299,27 @@ def _stop_event() -> asyncio.Event:
 def _listener_process(settings: Settings, reuse_port: bool) -> None:
     _child_logging()
     asyncio.run(run_listener(settings, reuse_port=reuse_port))
+
+
+def _janitor_process(settings: Settings) -> None:
+    import datetime as dt
+
+    from router.db.jobs import JobQueue
+    from router.janitor import SpoolJanitor
+
+    _child_logging()
+
+    async def main() -> None:
+        engine = make_engine(settings.database_url)
+        janitor = SpoolJanitor(
+            JobQueue(engine),
+            Spool(settings.spool_dir, settings.spool),
+            retention=dt.timedelta(seconds=settings.spool.retention_seconds),
+        )
+        await janitor.run(_stop_event())
+        engine.dispose()
+
+    asyncio.run(main())
 
 
 def _dispatcher_process(settings: Settings) -> None:

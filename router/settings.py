@@ -56,6 +56,9 @@ class SpoolSettings:
     # Refuse new instances when the spool holds more than this (0 = no limit).
     max_bytes: int = 0
     fsync: bool = True
+    # Keep a forwarded instance's file this long after its last job is done (0: remove
+    # it at the janitor's next sweep, within seconds).
+    retention_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -241,6 +244,8 @@ def _validate(settings: Settings) -> None:
         raise SettingsError("workers.count must be at least 0 and workers.credit at least 1")
     if listener.max_pdu_length != 0 and listener.max_pdu_length < 4096:
         raise SettingsError("listener.max_pdu_length must be 0 (unlimited) or at least 4096")
+    if settings.spool.retention_seconds < 0:
+        raise SettingsError("spool.retention_seconds must not be negative")
     if bool(listener.tls_cert) != bool(listener.tls_key):
         raise SettingsError("listener.tls_cert and listener.tls_key go together")
 

@@ -18,7 +18,6 @@ import ipaddress
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import NamedTuple
 
 from sqlalchemy import Connection, Engine, Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -47,7 +46,6 @@ __all__ = [
     "Instance",
     "InstanceResult",
     "InvalidValue",
-    "JobCount",
     "NewInstance",
     "NotFound",
     "Repository",
@@ -158,12 +156,6 @@ class Instance:
     digest: str
     state: InstanceState
     received_at: dt.datetime
-
-
-class JobCount(NamedTuple):
-    destination: str
-    state: JobState
-    total: int
 
 
 class Repository:
@@ -388,17 +380,6 @@ class Repository:
             return [_instance(row) for row in rows]
 
     # -- queue -------------------------------------------------------------------------
-    def job_counts(self) -> list[JobCount]:
-        """(destination, state, count) for every pair that has jobs."""
-        with self._read() as session:
-            rows = session.execute(
-                select(DestinationRow.name, JobRow.state, func.count(JobRow.id))
-                .join(DestinationRow, DestinationRow.id == JobRow.destination_id)
-                .group_by(DestinationRow.name, JobRow.state)
-                .order_by(DestinationRow.name, JobRow.state)
-            )
-            return [JobCount(name, JobState(state), count) for name, state, count in rows]
-
     def instance_counts(self) -> dict[str, int]:
         """Instances per state (routed, unrouted, done): unrouted ones need a person."""
         with self._read() as session:
@@ -406,17 +387,6 @@ class Repository:
                 select(InstanceRow.state, func.count(InstanceRow.id)).group_by(InstanceRow.state)
             )
             return {str(state): count for state, count in rows}
-
-    def oldest_pending_age(self, now: dt.datetime | None = None) -> dt.timedelta | None:
-        """How long the oldest job not yet done (pending, leased or waiting to retry)
-        has existed; None when there is none."""
-        with self._read() as session:
-            oldest = session.scalar(
-                select(func.min(JobRow.created_at)).where(JobRow.state.in_(LIVE_JOB_STATES))
-            )
-        if oldest is None:
-            return None
-        return (now or self._clock()) - oldest
 
 
 # -- helpers (inside one session) ---------------------------------------------------------

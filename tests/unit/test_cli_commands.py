@@ -212,7 +212,10 @@ def test_rules_test_is_a_dry_run_that_explains(initialised: Run, tmp_path: Path)
     assert report["mr.dcm"]["rules"][0]["failed"] == "Modality == CT"
     assert "error" in report["notes.txt"]
     status = _json(run("queue", "status", "--json"))
-    assert status == {"jobs": [], "oldest_pending_seconds": None, "instances": {}}
+    [pacs] = status["destinations"]  # every destination is listed, also without jobs
+    assert pacs["destination"] == "pacs" and pacs["pending"] == 0
+    assert status["instances"] == {}
+    assert status["oldest_pending_seconds"] is None and status["attempts"] == 0
 
 
 def test_sources_add_list_remove_and_bad_cidr(initialised: Run) -> None:

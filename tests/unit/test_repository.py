@@ -15,14 +15,13 @@ from sqlalchemy import Engine, text
 
 from router.db.engine import make_engine, sqlite_url_for
 from router.db.migrate import upgrade
-from router.db.models import InstanceState, JobState
+from router.db.models import InstanceState
 from router.db.repository import (
     AlreadyExists,
     Destination,
     InstanceResult,
     InUse,
     InvalidValue,
-    JobCount,
     NewInstance,
     NotFound,
     Repository,
@@ -383,27 +382,6 @@ def test_a_failing_instance_writes_nothing_of_its_batch(two: Repository, engine:
 
 
 # -- queue ----------------------------------------------------------------------------------
-def test_job_counts_and_oldest_pending_age(two: Repository, engine: Engine, clock: Clock) -> None:
-    assert two.job_counts() == []
-    assert two.oldest_pending_age(NOW) is None
-    [first] = two.record_instances([instance(1, "pacs", "ai")])
-    clock.now = NOW + dt.timedelta(minutes=5)
-    two.record_instances([instance(2, "pacs")])
-    assert two.job_counts() == [
-        JobCount("ai", JobState.PENDING, 1),
-        JobCount("pacs", JobState.PENDING, 2),
-    ]
-    later = NOW + dt.timedelta(hours=1)
-    assert two.oldest_pending_age(later) == dt.timedelta(hours=1)
-    set_job_states(engine, first.instance_id, "done")
-    assert two.oldest_pending_age(later) == dt.timedelta(minutes=55)
-    clock.now = later
-    assert two.oldest_pending_age() == dt.timedelta(minutes=55)
-    destination, state, total = two.job_counts()[0]
-    assert (destination, state, total) == ("ai", JobState.DONE, 1)
-    assert str(state) == "done"
-
-
 def test_get_instance_unknown(repo: Repository) -> None:
     with pytest.raises(NotFound):
         repo.get_instance(12345)
@@ -431,7 +409,7 @@ def _writer(url: str, worker: int, count: int, start: Any) -> None:
         repo.record_instances([instance(key, "pacs", uid=f"1.2.{worker}.{n}")])
         if n % 10 == 0:
             repo.rules_version()
-            repo.job_counts()
+            repo.instance_counts()
     engine.dispose()
 
 

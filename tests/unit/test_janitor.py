@@ -1,0 +1,149 @@
+"""SpoolJanitor (router/janitor.py): files of done instances go, after the retention
+period; files of instances with work left, dead-lettered or unrouted stay; a file the
+worker already removed is only marked."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+
+from router.db.engine import make_engine, sqlite_url_for
+from router.db.jobs import JobQueue
+from router.db.migrate import upgrade
+from router.db.repository import NewInstance, Repository
+from router.janitor import SpoolJanitor
+from router.spool import Spool
+
+NOW = dt.datetime(2026, 5, 1, 12, 0, 0, tzinfo=dt.UTC)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    url = sqlite_url_for(tmp_path)
+    upgrade(url)
+    engine = make_engine(url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def repo(engine: Engine, clock: Clock) -> Repository:
+    repo = Repository(engine, clock=clock)
+    repo.add_destination("pacs", "PACS", "10.0.0.5", 104)
+    return repo
+
+
+@pytest.fixture
+def queue(engine: Engine, clock: Clock) -> JobQueue:
+    return JobQueue(engine, clock=clock)
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    spool = Spool(tmp_path / "spool")
+    spool.create_layout()
+    return spool
+
+
+def receive(repo: Repository, spool: Spool, n: int, *destinations: str) -> str:
+    temp = spool.create_temp()
+    os.write(temp.fd, b"dataset")
+    spool.commit(temp)
+    repo.record_instances(
+        [
+            NewInstance(
+                sop_instance_uid=f"1.2.3.{n}",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                transfer_syntax="1.2.840.10008.1.2.1",
+                study_instance_uid="1.2.3",
+                calling_aet="CT1",
+                called_aet="ROUTER",
+                peer_address="10.0.0.9",
+                spool_name=temp.spool_name,
+                size=7,
+                digest=f"{n:064x}",
+                destinations=destinations,
+                unrouted=not destinations,
+            )
+        ]
+    )
+    return temp.spool_name
+
+
+def forward(queue: JobQueue, *, dead: bool = False) -> None:
+    for lease in queue.lease("w", None, 100, 60):
+        if dead:
+            queue.dead_letter(lease.job_id, lease.token, 0xC000, "refused", NOW, 5)
+        else:
+            queue.complete(lease.job_id, lease.token, 0, False, NOW, 5)
+
+
+def test_done_files_go_and_others_stay(repo: Repository, queue: JobQueue, spool: Spool) -> None:
+    done = receive(repo, spool, 1, "pacs")
+    forward(queue)
+    pending = receive(repo, spool, 2, "pacs")
+    unrouted = receive(repo, spool, 3)
+    janitor = SpoolJanitor(queue, spool)
+    assert janitor.sweep() == 1
+    assert not spool.path_for(done).exists()
+    assert spool.path_for(pending).exists() and spool.path_for(unrouted).exists()
+    assert queue.removable_spool_files() == []
+    assert janitor.sweep() == 0
+
+
+def test_dead_lettered_files_stay_for_a_retry(
+    repo: Repository, queue: JobQueue, spool: Spool
+) -> None:
+    name = receive(repo, spool, 1, "pacs")
+    forward(queue, dead=True)
+    assert SpoolJanitor(queue, spool).sweep() == 0
+    assert spool.path_for(name).exists()
+
+
+def test_retention_keeps_files_for_a_while(
+    repo: Repository, queue: JobQueue, spool: Spool, clock: Clock
+) -> None:
+    name = receive(repo, spool, 1, "pacs")
+    forward(queue)
+    janitor = SpoolJanitor(queue, spool, retention=dt.timedelta(hours=1))
+    clock.now = NOW + dt.timedelta(minutes=59)
+    assert janitor.sweep() == 0 and spool.path_for(name).exists()
+    clock.now = NOW + dt.timedelta(hours=1, seconds=1)
+    assert janitor.sweep() == 1 and not spool.path_for(name).exists()
+
+
+def test_a_file_already_gone_is_only_marked(
+    repo: Repository, queue: JobQueue, spool: Spool
+) -> None:
+    name = receive(repo, spool, 1, "pacs")
+    forward(queue)
+    spool.remove(name)  # a worker removed it, or the janitor crashed before marking
+    assert SpoolJanitor(queue, spool).sweep() == 1
+    assert queue.removable_spool_files() == []
+
+
+def test_sweeps_in_batches_until_nothing_is_left(
+    repo: Repository, queue: JobQueue, spool: Spool
+) -> None:
+    names = [receive(repo, spool, n, "pacs") for n in range(7)]
+    forward(queue)
+    assert SpoolJanitor(queue, spool, batch=3).sweep() == 7
+    assert not any(spool.path_for(name).exists() for name in names)
