@@ -433,9 +433,7 @@ def _destination_ids(session: Session | Connection, names: Iterable[str]) -> dic
     wanted = set(names)
     if not wanted:
         return {}
-    rows = session.execute(
-        select(DestinationRow.name, DestinationRow.id).where(DestinationRow.name.in_(wanted))
-    )
+    rows = session.execute(_DESTINATION_IDS, {"names": sorted(wanted)})
     ids = {name: id_ for name, id_ in rows}
     missing = sorted(wanted - ids.keys())
     if missing:
@@ -508,6 +506,14 @@ _INSTANCES: Table = InstanceRow.__table__  # type: ignore[assignment]
 _JOBS: Table = JobRow.__table__  # type: ignore[assignment]
 _INSERT_INSTANCE = insert(_INSTANCES).returning(_INSTANCES.c.id)
 _INSERT_JOBS = insert(_JOBS).returning(_JOBS.c.id, sort_by_parameter_order=True)
+_DESTINATION_IDS = select(DestinationRow.name, DestinationRow.id).where(
+    DestinationRow.name.in_(bindparam("names", expanding=True))
+)
+_LIVE_JOBS = (
+    select(JobRow.id, JobRow.destination_id)
+    .where(JobRow.instance_id == bindparam("instance"), JobRow.state.in_(LIVE_JOB_STATES))
+    .order_by(JobRow.id)
+)
 _DUPLICATE_CANDIDATES = (
     select(InstanceRow.id, InstanceRow.state)
     .where(
@@ -529,11 +535,7 @@ def _find_duplicate(
             if state == InstanceState.UNROUTED:
                 return InstanceResult(instance_id, (), instance_id, False)
             continue
-        live = session.execute(
-            select(JobRow.id, JobRow.destination_id)
-            .where(JobRow.instance_id == instance_id, JobRow.state.in_(LIVE_JOB_STATES))
-            .order_by(JobRow.id)
-        ).all()
+        live = session.execute(_LIVE_JOBS, {"instance": instance_id}).all()
         if live and {destination for _, destination in live} == destination_ids:
             return InstanceResult(instance_id, tuple(job for job, _ in live), instance_id, False)
     return None
