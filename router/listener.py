@@ -274,7 +274,8 @@ class IngestSink:
             digest=self._digest.hexdigest(),
             destinations=tuple(destinations),
             unrouted=not destinations,
-            priority=request.priority,
+            # PS3.7 C.4.1.1: 0 medium, 1 high, 2 low; anything else is stored as medium.
+            priority=request.priority if request.priority in (0, 1, 2) else 0,
         )
         await self._node.committer.submit(record, self._temp)
         return StoreOutcome(SUCCESS)

@@ -427,3 +427,37 @@ def test_locked_database_answers_a700_leaves_no_orphan_file_and_next_store_succe
     assert waited >= BUSY_TIMEOUT - 1, waited  # it did wait for the lock first
     assert later == SUCCESS, hex(later)
     assert_ingested(node, {later_ds.SOPInstanceUID: _with_meta(later_ds, EXPLICIT_LE)}, "E2E-SCU")
+
+
+# --------------------------------------------------------------------------------------
+# C-STORE priority (PS3.7 C.4.1.1)
+# --------------------------------------------------------------------------------------
+def test_c_store_priority_is_kept_on_the_jobs_and_an_unknown_value_is_medium(
+    router_node: NodeFactory,
+) -> None:
+    node = router_node()
+    node.start()
+    sent: dict[int, str] = {}
+
+    async def send() -> None:
+        async with open_association(node.port) as assoc:
+            for priority in (0, 1, 2, 7):
+                ds = make_dataset("CT")
+                rsp = await assoc.send_c_store(
+                    encode_dataset(ds),
+                    CT_IMAGE,
+                    str(ds.SOPInstanceUID),
+                    EXPLICIT_LE,
+                    priority=priority,
+                )
+                assert rsp.status == SUCCESS
+                sent[priority] = str(ds.SOPInstanceUID)
+
+    asyncio.run(send())
+    stored = dict(
+        node.query(
+            "select i.sop_instance_uid, j.priority from jobs j"
+            " join instances i on i.id = j.instance_id"
+        )
+    )
+    assert {p: stored[uid] for p, uid in sent.items()} == {0: 0, 1: 1, 2: 2, 7: 0}
