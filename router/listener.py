@@ -33,6 +33,7 @@ from protocol.status import (
 from protocol.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, is_valid_uid
 from router.db.repository import InstanceResult, NewInstance, Repository
 from router.messages import JobMessage
+from router.metrics import listener_metrics
 from router.rules import InstanceFacts, RuleSet
 from router.settings import ListenerSettings
 from router.spool import Spool, SpoolFull, TempFile
@@ -217,6 +218,7 @@ class IngestSink:
         self._node.spool.discard(self._temp)
 
     async def finish(self) -> StoreOutcome:
+        started = time.perf_counter()
         try:
             outcome = await self._finish()
         except asyncio.CancelledError:
@@ -225,9 +227,13 @@ class IngestSink:
         except Exception as exc:  # disk or database: refuse, keep nothing (DESIGN §3.1)
             log.warning("%s: storing failed: %s", self._info.peer, exc)
             self.discard()
+            self._node.metrics.refused()
             return StoreOutcome(OUT_OF_RESOURCES, "the router could not store the instance")
         if outcome.status != SUCCESS:
             self.discard()
+            self._node.metrics.refused()
+        else:
+            self._node.metrics.stored(self._size, time.perf_counter() - started)
         return outcome
 
     async def _finish(self) -> StoreOutcome:
@@ -299,11 +305,20 @@ class ListenerNode:
         self.rules = rules
         self.committer = committer
         self._clock = clock
+        self.metrics = listener_metrics()
 
     def on_echo(self, info: AssociationInfo) -> int:
         return SUCCESS
 
     def on_store(
+        self, info: AssociationInfo, request: CStoreRQ, transfer_syntax: str
+    ) -> StoreSink | StoreOutcome:
+        answer = self._open_sink(info, request, transfer_syntax)
+        if isinstance(answer, StoreOutcome):
+            self.metrics.refused()
+        return answer
+
+    def _open_sink(
         self, info: AssociationInfo, request: CStoreRQ, transfer_syntax: str
     ) -> StoreSink | StoreOutcome:
         if not is_valid_uid(request.affected_sop_instance_uid):

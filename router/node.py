@@ -26,6 +26,7 @@ from router.db.migrate import check_schema
 from router.db.repository import Repository
 from router.listener import GroupCommitter, ListenerNode, RuleCache
 from router.messages import JobMessage
+from router.metrics import mark_process_dead, prepare_multiprocess_dir
 from router.settings import ListenerSettings, Settings
 from router.spool import Spool
 from router.status import NodeStatusFile
@@ -184,6 +185,7 @@ async def run_listener(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     refresher = asyncio.ensure_future(rules.keep_fresh())
+    node.metrics.watch(server)
     log.info("listening on %s:%d as %s", listener.bind, server.port, listener.ae_title)
     if on_ready is not None:
         on_ready(server.port)
@@ -226,6 +228,8 @@ class Supervisor:
             for i in range(count)
         ]
         self._specs.append(("janitor", _janitor_process, (settings,)))
+        if settings.metrics.enabled:
+            self._specs.append(("metrics", _metrics_process, (settings,)))
         if settings.workers.count > 0:
             self._specs.append(("dispatcher", _dispatcher_process, (settings,)))
             self._specs += [
@@ -233,6 +237,7 @@ class Supervisor:
             ]
         self._stopping = False
         self._status = NodeStatusFile(settings.data_dir)
+        self._data_dir = settings.data_dir
 
     def run(self) -> None:
         import multiprocessing
@@ -257,22 +262,33 @@ class Supervisor:
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+        prepare_multiprocess_dir(self._data_dir)  # before any child: they inherit it
         self._status.node_started()
         for name, target, args in self._specs:
             start(name, target, args)
+        due: dict[str, float] = {}  # restart times of children that died
         while not self._stopping:
-            time.sleep(0.5)
+            time.sleep(0.2)
+            now = time.monotonic()
             for name, target, args in self._specs:
                 child = children[name]
                 if child.is_alive() or self._stopping:
                     continue
-                quick = time.monotonic() - started[name] < 10
-                pause[name] = min(30.0, pause.get(name, 0.5) * 2) if quick else 0.5
-                log.warning(
-                    "%s exited (status %s); restarting in %.1f s", name, child.exitcode, pause[name]
-                )
-                time.sleep(pause[name])
-                if not self._stopping:
+                if name not in due:
+                    # A child that keeps dying at once waits longer each time; the others
+                    # are still watched and restarted meanwhile.
+                    quick = now - started[name] < 10
+                    pause[name] = min(30.0, pause.get(name, 0.25) * 2) if quick else 0.5
+                    due[name] = now + pause[name]
+                    mark_process_dead(child.pid)
+                    log.warning(
+                        "%s exited (status %s); restarting in %.1f s",
+                        name,
+                        child.exitcode,
+                        pause[name],
+                    )
+                elif now >= due[name]:
+                    del due[name]
                     start(name, target, args)
         for child in children.values():
             child.join(timeout=60)
@@ -299,6 +315,25 @@ def _stop_event() -> asyncio.Event:
 def _listener_process(settings: Settings, reuse_port: bool) -> None:
     _child_logging()
     asyncio.run(run_listener(settings, reuse_port=reuse_port))
+
+
+def _metrics_process(settings: Settings) -> None:
+    from router.db.jobs import JobQueue
+    from router.metrics import serve_metrics
+
+    _child_logging()
+
+    async def main() -> None:
+        engine = make_engine(settings.database_url)
+        metrics = settings.metrics
+        server, thread = serve_metrics(JobQueue(engine), metrics.bind, metrics.port)
+        log.info("metrics on http://%s:%d/metrics", metrics.bind, metrics.port)
+        await _stop_event().wait()
+        server.shutdown()
+        thread.join(5)
+        engine.dispose()
+
+    asyncio.run(main())
 
 
 def _janitor_process(settings: Settings) -> None:

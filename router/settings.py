@@ -72,12 +72,22 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    # A Prometheus endpoint served by the node (off unless enabled; loopback by default:
+    # destination names and AE titles are in the labels).
+    enabled: bool = False
+    bind: str = "127.0.0.1"
+    port: int = 9108
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path = Path("dicom-router-data")
     db: str = ""  # empty: SQLite in the data directory
     listener: ListenerSettings = field(default_factory=ListenerSettings)
     spool: SpoolSettings = field(default_factory=SpoolSettings)
     workers: WorkerSettings = field(default_factory=WorkerSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     @property
     def database_url(self) -> str:
@@ -106,7 +116,12 @@ class Settings:
         return self.data_dir / "config.toml"
 
 
-_SECTIONS = {"listener": ListenerSettings, "spool": SpoolSettings, "workers": WorkerSettings}
+_SECTIONS = {
+    "listener": ListenerSettings,
+    "spool": SpoolSettings,
+    "workers": WorkerSettings,
+    "metrics": MetricsSettings,
+}
 _CHOICES = {
     ("listener", "accept"): ("any", "known"),
     ("listener", "unrouted_policy"): ("unrouted", "reject"),
@@ -244,6 +259,8 @@ def _validate(settings: Settings) -> None:
         raise SettingsError("workers.count must be at least 0 and workers.credit at least 1")
     if listener.max_pdu_length != 0 and listener.max_pdu_length < 4096:
         raise SettingsError("listener.max_pdu_length must be 0 (unlimited) or at least 4096")
+    if not 0 <= settings.metrics.port <= 65535:
+        raise SettingsError(f"metrics.port {settings.metrics.port} is out of range 0-65535")
     if settings.spool.retention_seconds < 0:
         raise SettingsError("spool.retention_seconds must not be negative")
     if bool(listener.tls_cert) != bool(listener.tls_key):

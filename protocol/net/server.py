@@ -122,6 +122,7 @@ class SCPAssociation(AssociationProtocol):
         else:
             reply = negotiate_as_acceptor(rq, self.server.policy, self.limits)
         if isinstance(reply, AAssociateRJ):
+            self.server.notify("rejected")
             log.warning(
                 "%s: association from %r to %r rejected (result %d, source %d, reason %d)",
                 self.info.peer,
@@ -137,6 +138,7 @@ class SCPAssociation(AssociationProtocol):
         self.conn.accept(reply)
         self._established = True
         self.server.register(self)
+        self.server.notify("accepted")
         self.info.contexts = dict(self.conn.accepted_contexts)
         self.info.peer_max_pdu_length = self.conn.peer_max_pdu_length
         log.info(
@@ -179,6 +181,7 @@ class SCPAssociation(AssociationProtocol):
         if self._established:
             self.server.unregister(self)
             self._established = False
+            self.server.notify("closed")
 
     # -- DIMSE ---------------------------------------------------------------------------
     def on_command(self, event: CommandReceived) -> None:
@@ -313,12 +316,19 @@ class SCPServer:
         self.timeouts = timeouts or Timeouts()
         self.associations: set[SCPAssociation] = set()
         self._per_calling_ae: Counter[str] = Counter()
+        #: Called with "accepted", "rejected" or "closed" (an accepted association
+        #: ended) after the counts changed: the embedding's metrics.
+        self.on_association: Callable[[str], None] | None = None
         self._server: asyncio.Server | None = None
 
     def has_room(self, calling_ae: str) -> bool:
         if len(self.associations) >= self.limits.max_associations:
             return False
         return self._per_calling_ae[calling_ae] < self.limits.max_associations_per_calling_ae
+
+    def notify(self, event: str) -> None:
+        if self.on_association is not None:
+            self.on_association(event)
 
     def register(self, association: SCPAssociation) -> None:
         self.associations.add(association)

@@ -949,6 +949,18 @@ class JobQueue:
             )
             return _job(row, history)
 
+    def attempt_counts(self) -> list[tuple[str, str, int]]:
+        """(destination, outcome, attempts) over every recorded attempt (the metrics'
+        attempts counter; one grouped scan of the attempts table per scrape)."""
+        with self._read() as connection:
+            rows = connection.execute(
+                select(_D.name, _A.outcome, func.count(_A.id))
+                .select_from(_ATTEMPTS.join(_DESTINATIONS, _D.id == _A.destination_id))
+                .group_by(_D.name, _A.outcome)
+                .order_by(_D.name, _A.outcome)
+            )
+            return [(str(name), str(outcome), int(count)) for name, outcome, count in rows]
+
     def status_summary(
         self, now: dt.datetime | None = None, window: dt.timedelta = STATUS_WINDOW
     ) -> StatusSummary:
