@@ -74,6 +74,7 @@ class Dispatcher:
         # fewer waits for SQLite's single write lock).
         self._coalesce = coalesce
         self._work = True
+        self._credit_back = False
         self._queue = queue
         self._endpoint = endpoint
         self._lease_seconds = lease_seconds
@@ -111,8 +112,13 @@ class Dispatcher:
                 # write transaction, which the listeners' commits would queue behind.
                 now = time.monotonic()
                 since = now - last_lease
-                if (self._work and since >= self._coalesce) or since >= self._sweep:
+                if (
+                    self._credit_back
+                    or (self._work and since >= self._coalesce)
+                    or since >= self._sweep
+                ):
                     last_lease = now
+                    self._credit_back = False
                     self._work = await self._dispatch(socket)
         finally:
             socket.close()
@@ -141,7 +147,9 @@ class Dispatcher:
         if isinstance(message, Credit):
             worker.credit += max(0, message.credit)
             if message.credit > 0:
-                self._work = True  # capacity came back: a backlog may be waiting
+                # Capacity came back: lease at once, not after the notices' coalescing
+                # interval (a worker draining a backlog would idle for it every batch).
+                self._credit_back = True
         elif isinstance(message, Bye):
             del self._workers[identity]
             log.info("worker %s left", worker.name)
