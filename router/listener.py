@@ -31,6 +31,7 @@ from protocol.status import (
     SUCCESS,
 )
 from protocol.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, is_valid_uid
+from router import failpoints
 from router.db.repository import InstanceResult, NewInstance, Repository
 from router.messages import JobMessage
 from router.metrics import listener_metrics
@@ -147,6 +148,7 @@ class GroupCommitter:
                         self._notify(
                             JobMessage(job, result.instance_id, destination, record.priority)
                         )
+                failpoints.hit("listener.after_zmq_push")  # (nothing pushed without workers)
 
     def _commit(self, batch: list[_Pending]) -> list[InstanceResult]:
         # One thread hand-off per batch: fsync and rename every file, fsync their
@@ -158,7 +160,9 @@ class GroupCommitter:
             list(self._fsync_pool.map(self._spool.commit, [p.temp for p in batch]))
         records = [p.record for p in batch]
         self._spool.sync_directories(r.spool_name for r in records)
+        failpoints.hit("listener.after_dir_fsync")
         results = self._repository.record_instances(records)
+        failpoints.hit("listener.after_db_commit")
         for record, result in zip(records, results, strict=True):
             if result.duplicate_of is not None:
                 # Same bytes, same pending jobs: the earlier copy stands (DESIGN §3.1).
@@ -218,6 +222,7 @@ class IngestSink:
         self._node.spool.discard(self._temp)
 
     async def finish(self) -> StoreOutcome:
+        failpoints.hit("listener.received_last_fragment")
         started = time.perf_counter()
         try:
             outcome = await self._finish()

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from router import failpoints
 from router.settings import SpoolSettings
 
 _NAME = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{32}\.dcm$")
@@ -76,11 +77,13 @@ class Spool:
         try:
             if self.settings.fsync:
                 os.fsync(temp.fd)
+            failpoints.hit("listener.after_file_fsync")
         finally:
             os.close(temp.fd)
             temp.fd = -1
         final = self.store_dir / temp.spool_name
         os.rename(temp.path, final)
+        failpoints.hit("listener.after_rename")
         return final
 
     def sync_directories(self, spool_names: Iterable[str]) -> None:

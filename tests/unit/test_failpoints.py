@@ -1,0 +1,33 @@
+"""router/failpoints.py: the DICOM_ROUTER_FAILPOINT syntax, and that an armed place
+kills the process on its Nth arrival only."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from router.failpoints import _parse
+
+
+def test_names_with_and_without_a_count() -> None:
+    assert _parse("") == {}
+    assert _parse("listener.after_rename") == {"listener.after_rename": 1}
+    assert _parse(" a@3 , b ,c@0,d@x") == {"a": 3, "b": 1, "c": 1, "d": 1}
+
+
+def test_an_armed_place_kills_on_its_nth_arrival() -> None:
+    code = (
+        "from router import failpoints\n"
+        "for i in range(5):\n"
+        "    print(i, flush=True)\n"
+        "    failpoints.hit('here')\n"
+        "    failpoints.hit('elsewhere')\n"
+    )
+    env = {**os.environ, "DICOM_ROUTER_FAILPOINT": "here@3"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == -signal.SIGKILL
+    assert result.stdout.split() == ["0", "1", "2"]
