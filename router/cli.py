@@ -142,15 +142,21 @@ def main(
 @pass_context
 def init(context: Context) -> None:
     """Create the data directory, the spool and the database at the latest schema."""
+    from router.db.engine import sqlite_path
     from router.db.migrate import upgrade
     from router.spool import Spool
 
     settings = context.settings
-    settings.data_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+    # Patient data and (later) secrets: the node's user only (`dicom-router check`).
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     Spool(settings.spool_dir, settings.spool).create_layout()
     if not settings.config_path.exists():
+        settings.config_path.touch(mode=0o600)
         settings.config_path.write_text(render_default_config())
     upgrade(settings.database_url)
+    database = sqlite_path(settings.database_url)
+    if database is not None:
+        database.chmod(0o600)  # SQLite gives its -wal and -shm files the same mode
     click.echo(f"initialised {settings.data_dir} (database {_safe_url(settings.database_url)})")
 
 
@@ -179,6 +185,25 @@ def db_upgrade(context: Context) -> None:
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False))
 @click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False))
 @click.option("--tls-require-client-cert", is_flag=True, default=None)
+@click.option(
+    "--worker-bind", help="tcp://ADDR:PORT where workers on other hosts connect (default: none)"
+)
+@click.option(
+    "--worker-key",
+    type=click.Path(exists=True, dir_okay=False),
+    help="the node's CURVE key pair (NODE.key from `keys generate`)",
+)
+@click.option(
+    "--allowed-workers",
+    type=click.Path(exists=True, file_okay=False),
+    help="directory of the public keys (NAME.pub) of the workers allowed to connect",
+)
+@click.option(
+    "--insecure-workers",
+    is_flag=True,
+    default=None,
+    help="allow --worker-bind off loopback without CURVE (anyone reaching it takes jobs)",
+)
 @click.pass_context  # type: ignore[arg-type]
 def serve(ctx: click.Context, **flags: Any) -> None:
     """Run the node: recover the spool, then accept associations until SIGTERM/SIGINT."""
@@ -195,6 +220,10 @@ def serve(ctx: click.Context, **flags: Any) -> None:
         "tls_key": "listener.tls_key",
         "tls_ca": "listener.tls_ca",
         "tls_require_client_cert": "listener.tls_require_client_cert",
+        "worker_bind": "workers.bind",
+        "worker_key": "workers.key",
+        "allowed_workers": "workers.allowed_keys",
+        "insecure_workers": "workers.insecure",
     }
     overrides = {keys[name]: value for name, value in flags.items() if value is not None}
     overrides["data_dir"] = str(context.settings.data_dir)
@@ -204,8 +233,116 @@ def serve(ctx: click.Context, **flags: Any) -> None:
         settings = load_settings(root.get("config"), overrides=overrides)
     except SettingsError as exc:
         _fail(str(exc))
+    from router.node import worker_bind_problem
+
+    problem = worker_bind_problem(settings)
+    if problem:
+        _fail(problem)
     context.repository()  # refuses an out-of-date schema with a clear message
     serve_node(settings)
+
+
+@main.command("worker")
+@click.option("--connect", required=True, help="the node's worker endpoint, tcp://HOST:PORT")
+@click.option("--db", "db_url", help="the node's database URL (PostgreSQL across hosts)")
+@click.option(
+    "--server-key",
+    type=click.Path(exists=True, dir_okay=False),
+    help="the node's public key (NODE.pub): encrypt and authenticate with ZeroMQ CURVE",
+)
+@click.option(
+    "--key",
+    type=click.Path(exists=True, dir_okay=False),
+    help="this worker's key pair (WORKER.key); its .pub must be in the node's allowed dir",
+)
+@click.option("--destinations", help="NAME[,NAME...] this worker can reach (default: all)")
+@click.option(
+    "--shared-spool",
+    is_flag=True,
+    help="read spool files from the data directory (a shared filesystem) instead of "
+    "fetching them from the node",
+)
+@click.option("--credit", type=click.IntRange(1, 4096), help="leases held at most")
+@pass_context
+def worker(
+    context: Context,
+    connect: str,
+    db_url: str | None,
+    server_key: str | None,
+    key: str | None,
+    destinations: str | None,
+    shared_spool: bool,
+    credit: int | None,
+) -> None:
+    """Run one forwarding worker against a node's dispatcher (for other hosts)."""
+    from router.curve import CurveKeyError, load_pair, load_public
+    from router.node import run_worker
+
+    if not connect.startswith(("tcp://", "ipc://")):
+        raise UsageFail(f"--connect {connect!r}: expected tcp://HOST:PORT")
+    if bool(server_key) != bool(key):
+        raise UsageFail("--server-key and --key go together (ZeroMQ CURVE)")
+    overrides: dict[str, Any] = {"data_dir": str(context.settings.data_dir)}
+    overrides["db"] = db_url or context.settings.db or None
+    if credit is not None:
+        overrides["workers.credit"] = credit
+    try:
+        settings = load_settings(ctx_config(), overrides=overrides)
+    except SettingsError as exc:
+        _fail(str(exc))
+    curve = None
+    if server_key and key:
+        try:
+            curve = (load_public(server_key), load_pair(key))
+        except CurveKeyError as exc:
+            _fail(str(exc))
+    context.settings = settings
+    names = None
+    if destinations is not None:
+        names = tuple(n.strip() for n in destinations.split(",") if n.strip())
+        known = {d.name for d in context.repository().list_destinations()}
+        unknown = [n for n in names if n not in known]
+        if not names or unknown:
+            raise UsageFail(f"--destinations: no destination named {', '.join(unknown) or '?'}")
+    else:
+        context.repository()  # refuses a missing or out-of-date database in one line
+    asyncio.run(
+        run_worker(settings, connect, local_spool=shared_spool, destinations=names, curve=curve)
+    )
+
+
+def ctx_config() -> str | None:
+    root = click.get_current_context().find_root().params
+    return root.get("config")
+
+
+# -- keys ----------------------------------------------------------------------------------
+@main.group()
+def keys() -> None:
+    """ZeroMQ CURVE keys for workers on other hosts."""
+
+
+@keys.command("generate")
+@click.argument("name")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False),
+    help="where to write NAME.key and NAME.pub (default: DATA_DIR/keys)",
+)
+@json_option
+@pass_context
+def keys_generate(context: Context, name: str, directory: str | None, as_json: bool) -> None:
+    """Write a key pair: NAME.key (secret, mode 0600) and NAME.pub (public)."""
+    from router.curve import CurveKeyError, generate
+
+    target = Path(directory) if directory else context.settings.data_dir / "keys"
+    try:
+        secret, public = generate(name, target)
+    except CurveKeyError as exc:
+        _fail(str(exc))
+    row = {"secret": str(secret), "public": str(public)}
+    _emit_one(as_json, row, f"wrote {secret} (keep it here) and {public} (give it to the peer)")
 
 
 # -- destinations ----------------------------------------------------------------------------
@@ -568,6 +705,40 @@ def sources_remove(context: Context, ae_title: str, as_json: bool) -> None:
     with _repository_errors():
         context.repository().remove_source(ae_title)
     _emit_one(as_json, {"removed": ae_title}, f"removed source {ae_title}")
+
+
+# -- check --------------------------------------------------------------------------------
+@main.command("check")
+@click.option("--strict", is_flag=True, help="exit 1 when anything is open")
+@json_option
+@pass_context
+def check(context: Context, strict: bool, as_json: bool) -> None:
+    """List every setting that leaves the node open (security review)."""
+    from router.check import OPEN, check_destinations, check_files, check_settings, node_files
+
+    settings = context.settings
+    findings = [*check_settings(settings), *check_files(node_files(settings))]
+    if _database_exists(settings):
+        findings += check_destinations(context.repository().list_destinations())
+    rows = [
+        {"level": f.level, "setting": f.setting, "value": f.value, "why": f.why} for f in findings
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    elif rows:
+        _emit(
+            False, rows, ["level", "setting", "value", "why"], "settings that leave the node open"
+        )
+    else:
+        click.echo("nothing open found")
+    if strict and any(f.level == OPEN for f in findings):
+        sys.exit(1)
+
+
+def _database_exists(settings: Settings) -> bool:
+    """Destinations are read only from a database that exists (check runs before init)."""
+    url = settings.database_url
+    return not url.startswith("sqlite:///") or Path(url[len("sqlite:///") :]).exists()
 
 
 # -- queue ----------------------------------------------------------------------------------------

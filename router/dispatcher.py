@@ -1,31 +1,66 @@
 """The dispatcher: the one process that leases jobs and hands them to workers.
 
-Workers connect with a ZeroMQ DEALER socket to the dispatcher's ROUTER (``ipc://`` on
-the node; ``tcp://`` from other hosts later) and say how many leases they can hold
-(credit). Whenever a worker has credit the dispatcher leases that many due jobs for the
-destinations the worker reaches and sends them; a worker's credit comes back as it
-finishes jobs. The database is the record (DESIGN §3.2): a job whose lease expires —
-its worker died, or the lease message was lost — is due again and leased anew, so the
-dispatcher keeps no state worth saving and rebuilds everything after a restart. A
-worker silent for ``worker_timeout`` seconds (it sends heartbeats) is forgotten.
-Listeners PUSH a ``job`` message after each commit (the fast path); without one the
-dispatcher still sweeps the database once per ``sweep`` seconds.
+Workers connect with a ZeroMQ DEALER socket to one of the dispatcher's ROUTER sockets —
+``ipc://`` for the node's own workers, and, when ``workers.bind`` is set, ``tcp://`` for
+workers on other hosts (with CURVE: only workers whose public key is in the allowed
+directory get in) — and say how many leases they can hold (credit). Whenever a worker
+has credit the dispatcher leases that many due jobs for the destinations the worker
+reaches and sends them; a worker's credit comes back as it finishes jobs. The database
+is the record (DESIGN §3.2): a job whose lease expires — its worker died, or the lease
+message was lost — is due again and leased anew, so the dispatcher keeps no state worth
+saving and rebuilds everything after a restart. A worker silent for ``worker_timeout``
+seconds (it sends heartbeats) is forgotten. Listeners PUSH a ``job`` message after each
+commit (the fast path); without one the dispatcher still sweeps the database once per
+``sweep`` seconds.
+
+A worker without the node's filesystem asks for a spool file in chunks (``fetch``); the
+dispatcher answers (``chunk``) only while that worker's token holds a lease on a job of
+that very instance, so reaching the port does not open the spool.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import zmq
 import zmq.asyncio
 
+from router.curve import KeyPair, ZapHandler
 from router.db.jobs import JobQueue, Lease
-from router.messages import Bye, Credit, Hello, LeaseMessage, MessageError, decode
+from router.messages import (
+    MAX_CHUNK,
+    Bye,
+    Chunk,
+    Credit,
+    Fetch,
+    Heartbeat,
+    Hello,
+    LeaseMessage,
+    MessageError,
+    decode,
+)
+from router.spool import Spool
 
 log = logging.getLogger(__name__)
+
+_COVER_CACHE_SECONDS = 5.0  # a checked (token, spool name) is trusted this long
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where workers connect. With ``curve`` the socket is a CURVE server (PS3.15 does
+    not cover this hop: ZeroMQ's own encryption and authentication) and a worker gets in
+    only while its public key is a ``.pub`` file in ``allowed``."""
+
+    url: str
+    curve: KeyPair | None = None
+    allowed: str | None = None
 
 
 @dataclass
@@ -34,6 +69,7 @@ class _Worker:
     destinations: tuple[str, ...] | None
     credit: int
     last_seen: float
+    socket: zmq.asyncio.Socket
 
 
 def lease_message(lease: Lease) -> LeaseMessage:
@@ -52,6 +88,8 @@ def lease_message(lease: Lease) -> LeaseMessage:
         token=lease.token,
         attempts=lease.attempts,
         deliveries=lease.deliveries,
+        sop_instance=lease.sop_instance_uid,
+        expires=lease.expires_at.timestamp(),
     )
 
 
@@ -59,8 +97,9 @@ class Dispatcher:
     def __init__(
         self,
         queue: JobQueue,
-        endpoint: str,
+        endpoints: str | Endpoint | Sequence[str | Endpoint],
         *,
+        spool: Spool | None = None,
         lease_seconds: float = 120.0,
         tick: float = 0.2,
         worker_timeout: float = 15.0,
@@ -68,6 +107,10 @@ class Dispatcher:
         sweep: float = 1.0,
         coalesce: float = 0.1,
     ) -> None:
+        if isinstance(endpoints, str | Endpoint):
+            endpoints = [endpoints]
+        self._endpoints = [e if isinstance(e, Endpoint) else Endpoint(e) for e in endpoints]
+        self._spool = spool
         self._notify_endpoint = notify_endpoint
         self._sweep = sweep
         # Notices within this interval share one lease transaction (bigger batches,
@@ -76,34 +119,72 @@ class Dispatcher:
         self._work = True
         self._credit_back = False
         self._queue = queue
-        self._endpoint = endpoint
         self._lease_seconds = lease_seconds
         self._tick = tick
         self._worker_timeout = worker_timeout
-        self._workers: dict[bytes, _Worker] = {}
+        self._workers: dict[tuple[int, bytes], _Worker] = {}
+        self._covered: dict[tuple[str, str], float] = {}
+        self._fetches: set[asyncio.Task[None]] = set()
+        self.ports: list[int] = []  # of the tcp:// endpoints, once bound (port 0: any)
 
-    async def run(self, stop: asyncio.Event) -> None:
-        context = zmq.asyncio.Context()
-        socket = context.socket(zmq.ROUTER)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.bind(self._endpoint)
+    def _bind(self, context: zmq.asyncio.Context) -> list[zmq.asyncio.Socket]:
+        sockets = []
+        for endpoint in self._endpoints:
+            socket = context.socket(zmq.ROUTER)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.setsockopt(zmq.SNDHWM, 10_000)
+            if endpoint.curve is not None:
+                socket.curve_server = True
+                socket.curve_publickey = endpoint.curve.public
+                socket.curve_secretkey = endpoint.curve.secret
+            socket.bind(endpoint.url)
+            if endpoint.url.startswith("tcp://"):
+                bound = socket.getsockopt_string(zmq.LAST_ENDPOINT)
+                self.ports.append(int(bound.rsplit(":", 1)[1]))
+            log.info(
+                "dispatcher listening on %s%s",
+                endpoint.url,
+                " (CURVE)" if endpoint.curve else "",
+            )
+            sockets.append(socket)
+        return sockets
+
+    def _authenticator(self, base: zmq.Context[zmq.Socket[bytes]]) -> ZapHandler | None:
+        secured = [e for e in self._endpoints if e.curve is not None]
+        if not secured:
+            return None
+        if len({e.allowed for e in secured}) > 1:
+            raise ValueError("every CURVE endpoint of one dispatcher shares its allowed keys")
+        handler = ZapHandler(base, secured[0].allowed or "")
+        handler.start()
+        return handler
+
+    async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+        base: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        context = zmq.asyncio.Context(base)  # shadows it: one context, two interfaces
+        auth = self._authenticator(base)  # before any bind: ZAP must be in place
+        # (a plain context shadowed by the asyncio one: the handler's thread uses it)
+        sockets = self._bind(context)
         poller = zmq.asyncio.Poller()
-        poller.register(socket, zmq.POLLIN)
+        for socket in sockets:
+            poller.register(socket, zmq.POLLIN)
         notices = None
         if self._notify_endpoint:
             notices = context.socket(zmq.PULL)
             notices.setsockopt(zmq.LINGER, 0)
             notices.bind(self._notify_endpoint)
             poller.register(notices, zmq.POLLIN)
-        log.info("dispatcher listening on %s", self._endpoint)
+        if ready is not None:
+            ready.set()
         last_lease = 0.0
         try:
             while not stop.is_set():
-                ready = dict(await poller.poll(int(min(self._tick, self._coalesce) * 1000)))
-                while socket in ready and await socket.poll(0):
-                    identity, data = await socket.recv_multipart()
-                    self._handle(identity, data)
-                while notices is not None and notices in ready and await notices.poll(0):
+                ready_sockets = dict(await poller.poll(int(min(self._tick, self._coalesce) * 1000)))
+                for index, socket in enumerate(sockets):
+                    while socket in ready_sockets and await socket.poll(0):
+                        identity, data = await socket.recv_multipart()
+                        self._handle(index, socket, identity, data)
+                while notices is not None and notices in ready_sockets and await notices.poll(0):
                     await notices.recv()  # a listener committed new jobs
                     self._work = True
                 self._forget_silent()
@@ -119,28 +200,34 @@ class Dispatcher:
                 ):
                     last_lease = now
                     self._credit_back = False
-                    self._work = await self._dispatch(socket)
+                    self._work = await self._dispatch()
         finally:
-            socket.close()
+            for task in list(self._fetches):
+                task.cancel()
+            for socket in sockets:
+                socket.close()
             if notices is not None:
                 notices.close()
-            context.term()
+            if auth is not None:
+                auth.stop()
+            base.term()
 
-    def _handle(self, identity: bytes, data: bytes) -> None:
+    def _handle(self, index: int, socket: zmq.asyncio.Socket, identity: bytes, data: bytes) -> None:
         try:
             message = decode(data)
         except MessageError as exc:
             log.warning("dispatcher: dropped a bad message: %s", exc)
             return
         now = time.monotonic()
+        key = (index, identity)
         if isinstance(message, Hello):
-            self._workers[identity] = _Worker(
-                message.worker, message.destinations, message.credit, now
+            self._workers[key] = _Worker(
+                message.worker, message.destinations, message.credit, now, socket
             )
             self._work = True
             log.info("worker %s connected (credit %d)", message.worker, message.credit)
             return
-        worker = self._workers.get(identity)
+        worker = self._workers.get(key)
         if worker is None:
             return  # not introduced (a dispatcher restart): it says hello again
         worker.last_seen = now
@@ -150,22 +237,67 @@ class Dispatcher:
                 # Capacity came back: lease at once, not after the notices' coalescing
                 # interval (a worker draining a backlog would idle for it every batch).
                 self._credit_back = True
+        elif isinstance(message, Fetch):
+            task = asyncio.ensure_future(self._serve_fetch(socket, identity, message))
+            self._fetches.add(task)
+            task.add_done_callback(self._fetches.discard)
+        elif isinstance(message, Heartbeat):
+            pass  # last_seen is all it says
         elif isinstance(message, Bye):
-            del self._workers[identity]
+            del self._workers[key]
             log.info("worker %s left", worker.name)
+
+    async def _serve_fetch(self, socket: zmq.asyncio.Socket, identity: bytes, fetch: Fetch) -> None:
+        loop = asyncio.get_running_loop()
+        data, eof, error = b"", False, ""
+        try:
+            path = self._spool.path_for(fetch.spool_name) if self._spool else None
+        except ValueError:
+            path = None
+        if path is None:
+            error = "not found"
+        elif not await self._lease_covers(fetch.token, fetch.spool_name):
+            error = "not leased"
+            log.warning("dispatcher: refused a fetch of %s without its lease", fetch.spool_name)
+        else:
+            try:
+                data, eof = await loop.run_in_executor(
+                    None, _read_chunk, path, fetch.offset, min(fetch.length, MAX_CHUNK)
+                )
+            except OSError:
+                error = "not found"
+        chunk = Chunk(fetch.spool_name, fetch.offset, data, eof, error)
+        await socket.send_multipart([identity, chunk.encode()], copy=False)
+
+    async def _lease_covers(self, token: str, spool_name: str) -> bool:
+        key = (token, spool_name)
+        now = time.monotonic()
+        if self._covered.get(key, 0.0) > now:
+            return True
+        loop = asyncio.get_running_loop()
+        try:
+            covered = await loop.run_in_executor(None, self._queue.lease_covers, token, spool_name)
+        except Exception as exc:  # the database may be briefly unavailable: refuse
+            log.warning("dispatcher: could not check a lease: %s", exc)
+            return False
+        if covered:
+            if len(self._covered) > 10_000:
+                self._covered = {k: t for k, t in self._covered.items() if t > now}
+            self._covered[key] = now + _COVER_CACHE_SECONDS
+        return covered
 
     def _forget_silent(self) -> None:
         limit = time.monotonic() - self._worker_timeout
-        for identity, worker in list(self._workers.items()):
+        for key, worker in list(self._workers.items()):
             if worker.last_seen < limit:
                 log.warning("worker %s is silent; its leases will expire", worker.name)
-                del self._workers[identity]
+                del self._workers[key]
 
-    async def _dispatch(self, socket: zmq.asyncio.Socket) -> bool:
+    async def _dispatch(self) -> bool:
         """Lease for every worker with credit; True if more work may be waiting."""
         loop = asyncio.get_running_loop()
         more = False
-        for identity, worker in list(self._workers.items()):
+        for (_, identity), worker in list(self._workers.items()):
             if worker.credit <= 0:
                 continue
             try:
@@ -181,7 +313,18 @@ class Dispatcher:
                 log.warning("dispatcher: leasing failed: %s", exc)
                 return True
             for lease in leases:
-                await socket.send_multipart([identity, lease_message(lease).encode()])
+                await worker.socket.send_multipart([identity, lease_message(lease).encode()])
             more = more or len(leases) == worker.credit
             worker.credit -= len(leases)
         return more
+
+
+def _read_chunk(path: Path, offset: int, length: int) -> tuple[bytes, bool]:
+    """``length`` bytes of ``path`` from ``offset``, and whether they reach its end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        size = os.fstat(fd).st_size
+        data = os.pread(fd, length, offset) if offset < size else b""
+    finally:
+        os.close(fd)
+    return data, offset + len(data) >= size

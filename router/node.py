@@ -14,6 +14,7 @@ import os
 import signal
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from protocol.acse import AcceptorPolicy
@@ -38,7 +39,7 @@ def _job_notifier(settings: Settings) -> Callable[[JobMessage], None] | None:
     """Tell the dispatcher of new jobs (the fast path; the database is the record). A
     send that would block is dropped: the C-STORE response never waits for the queue
     (catalogue RX-15), and the dispatcher's sweep finds the job anyway."""
-    if settings.workers.count == 0:
+    if settings.workers.count == 0 and not settings.workers.bind:
         return None
     import zmq
 
@@ -230,7 +231,7 @@ class Supervisor:
         self._specs.append(("janitor", _janitor_process, (settings,)))
         if settings.metrics.enabled:
             self._specs.append(("metrics", _metrics_process, (settings,)))
-        if settings.workers.count > 0:
+        if settings.workers.count > 0 or settings.workers.bind:
             self._specs.append(("dispatcher", _dispatcher_process, (settings,)))
             self._specs += [
                 (f"worker-{i}", _worker_process, (settings,)) for i in range(settings.workers.count)
@@ -357,6 +358,43 @@ def _janitor_process(settings: Settings) -> None:
     asyncio.run(main())
 
 
+def dispatcher_endpoints(settings: Settings) -> list[Any]:
+    """The node's ipc:// endpoint, and the tcp:// one for workers on other hosts (with
+    CURVE when keys are configured)."""
+    from router.curve import load_pair
+    from router.dispatcher import Endpoint
+
+    endpoints = [Endpoint(settings.dispatcher_endpoint)]
+    workers = settings.workers
+    if workers.bind:
+        curve = load_pair(workers.key) if workers.key else None
+        endpoints.append(Endpoint(workers.bind, curve, workers.allowed_keys or None))
+    return endpoints
+
+
+def worker_bind_problem(settings: Settings) -> str | None:
+    """Why ``serve`` must not start with these worker settings (DESIGN §7), or None."""
+    from router.curve import CurveKeyError, is_loopback_endpoint, load_pair
+
+    workers = settings.workers
+    if not workers.bind:
+        return None
+    if workers.key:
+        try:
+            load_pair(workers.key)
+        except CurveKeyError as exc:
+            return str(exc)
+        if not Path(workers.allowed_keys).is_dir():
+            return f"--allowed-workers {workers.allowed_keys}: not a directory"
+        return None
+    if is_loopback_endpoint(workers.bind) or workers.insecure:
+        return None
+    return (
+        f"--worker-bind {workers.bind} is reachable from other hosts: give --worker-key "
+        "NODE.key and --allowed-workers DIR (ZeroMQ CURVE), or --insecure-workers"
+    )
+
+
 def _dispatcher_process(settings: Settings) -> None:
     from router.db.jobs import JobQueue
     from router.dispatcher import Dispatcher
@@ -368,7 +406,8 @@ def _dispatcher_process(settings: Settings) -> None:
         queue = JobQueue(engine, max_deliveries=settings.workers.max_deliveries)
         dispatcher = Dispatcher(
             queue,
-            settings.dispatcher_endpoint,
+            dispatcher_endpoints(settings),
+            spool=Spool(settings.spool_dir, settings.spool),
             lease_seconds=settings.workers.lease_seconds,
             notify_endpoint=settings.dispatcher_notify_endpoint,
         )
@@ -379,27 +418,40 @@ def _dispatcher_process(settings: Settings) -> None:
 
 
 def _worker_process(settings: Settings) -> None:
+    _child_logging()
+    asyncio.run(run_worker(settings, settings.dispatcher_endpoint))
+
+
+async def run_worker(
+    settings: Settings,
+    endpoint: str,
+    *,
+    local_spool: bool = True,
+    destinations: tuple[str, ...] | None = None,
+    curve: tuple[bytes, Any] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """One forwarding worker until SIGTERM/SIGINT: the node's own (``serve``), or one on
+    another host (``dicom-router worker``: no spool of its own, files are fetched)."""
     from router.db.jobs import JobQueue
     from workers.retry import RetryPolicy
     from workers.worker import Worker
 
-    _child_logging()
-
-    async def main() -> None:
-        engine = make_engine(settings.database_url)
-        worker = Worker(
-            JobQueue(engine, max_deliveries=settings.workers.max_deliveries),
-            Spool(settings.spool_dir, settings.spool),
-            settings.dispatcher_endpoint,
-            calling_ae=settings.listener.ae_title,
-            credit=settings.workers.credit,
-            policy=RetryPolicy(
-                max_deliveries=settings.workers.max_deliveries,
-                base=settings.workers.retry_base,
-                cap=settings.workers.retry_cap,
-            ),
-        )
-        await worker.run(_stop_event())
-        engine.dispose()
-
-    asyncio.run(main())
+    engine = make_engine(settings.database_url)
+    check_schema(engine)
+    worker = Worker(
+        JobQueue(engine, max_deliveries=settings.workers.max_deliveries),
+        Spool(settings.spool_dir, settings.spool) if local_spool else None,
+        endpoint,
+        curve=curve,
+        calling_ae=settings.listener.ae_title,
+        destinations=destinations,
+        credit=settings.workers.credit,
+        policy=RetryPolicy(
+            max_deliveries=settings.workers.max_deliveries,
+            base=settings.workers.retry_base,
+            cap=settings.workers.retry_cap,
+        ),
+    )
+    await worker.run(stop or _stop_event())
+    engine.dispose()

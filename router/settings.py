@@ -69,6 +69,13 @@ class WorkerSettings:
     retry_base: float = 5.0  # seconds before the first retry (exponential, jitter)
     retry_cap: float = 600.0
     max_deliveries: int = 15  # leases of one job (crashed workers count) before dead letter
+    # Workers on other hosts: the dispatcher also listens on this tcp:// endpoint ("":
+    # only the node's own ipc://). Off loopback it needs CURVE (the node's secret key and
+    # a directory of the allowed workers' public keys) or, explicitly, insecure = true.
+    bind: str = ""
+    key: str = ""
+    allowed_keys: str = ""
+    insecure: bool = False
 
 
 @dataclass(frozen=True)
@@ -263,6 +270,11 @@ def _validate(settings: Settings) -> None:
         raise SettingsError(f"metrics.port {settings.metrics.port} is out of range 0-65535")
     if settings.spool.retention_seconds < 0:
         raise SettingsError("spool.retention_seconds must not be negative")
+    workers = settings.workers
+    if workers.bind and not workers.bind.startswith("tcp://"):
+        raise SettingsError(f"workers.bind {workers.bind!r} must be a tcp://ADDRESS:PORT")
+    if bool(workers.key) != bool(workers.allowed_keys):
+        raise SettingsError("workers.key and workers.allowed_keys go together (CURVE)")
     if bool(listener.tls_cert) != bool(listener.tls_key):
         raise SettingsError("listener.tls_cert and listener.tls_key go together")
 

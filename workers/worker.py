@@ -5,25 +5,45 @@ Leases are grouped by destination: each destination has its own association pool
 worker writes each attempt's result itself, under its lease (``router/db/jobs.py``),
 then gives the dispatcher one credit back. When every job of an instance is done the
 spool file is removed (DESIGN §3.5).
+
+A worker on the node's host reads the spool directly. A worker elsewhere (``dicom-router
+worker --connect tcp://…``, no shared filesystem) fetches each file from the dispatcher
+in chunks over its own socket into a private temporary file, sends it from there and
+deletes it; the node's janitor removes the spool file once the instance is done.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import os
 import random
+import tempfile
 import time
 import uuid
+from collections import deque
+from pathlib import Path
 
 import zmq
 import zmq.asyncio
 
 from protocol.net import Timeouts
+from router.curve import KeyPair
 from router.db.jobs import JobQueue, Lease, Result
 from router.db.models import JobState
-from router.messages import Bye, Credit, Hello, LeaseMessage, MessageError, decode
+from router.messages import (
+    MAX_CHUNK,
+    Bye,
+    Chunk,
+    Credit,
+    Fetch,
+    Hello,
+    LeaseMessage,
+    MessageError,
+    decode,
+)
 from router.spool import Spool
 from workers.retry import Failure, Outcome, RetryPolicy, Verdict, classify
 from workers.sender import Destination, DestinationPool, Item
@@ -31,15 +51,91 @@ from workers.sender import Destination, DestinationPool, Item
 log = logging.getLogger(__name__)
 
 _STATE = {"done": JobState.DONE, "retry_wait": JobState.RETRY_WAIT, "dead": JobState.DEAD}
+_FETCH_WINDOW = 4  # chunk requests in flight per file
+_FETCH_TIMEOUT = 30.0  # seconds for one chunk to come back
+
+
+class FetchError(Exception):
+    """The node did not hand over a spool file (its reason: "not found", "not leased",
+    or no answer in time)."""
+
+
+class FetchedFiles:
+    """Spool files of the node fetched over the worker's socket, each into a temporary
+    file of its own (mode 0600, deleted after the attempt): never a whole instance in
+    memory, at most ``_FETCH_WINDOW`` chunks of ``MAX_CHUNK`` bytes in flight."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self._directory = directory
+        self._waiting: dict[tuple[str, int], deque[asyncio.Future[Chunk]]] = {}
+        self.socket: zmq.asyncio.Socket | None = None
+
+    def deliver(self, chunk: Chunk) -> None:
+        waiting = self._waiting.get((chunk.spool_name, chunk.offset))
+        while waiting:
+            future = waiting.popleft()
+            if not future.done():
+                future.set_result(chunk)
+                return
+
+    async def _request(self, spool_name: str, token: str, offset: int) -> asyncio.Future[Chunk]:
+        future: asyncio.Future[Chunk] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault((spool_name, offset), deque()).append(future)
+        assert self.socket is not None
+        await self.socket.send(Fetch(spool_name, token, offset, MAX_CHUNK).encode())
+        return future
+
+    def _forget(self, spool_name: str, offset: int, future: asyncio.Future[Chunk]) -> None:
+        waiting = self._waiting.get((spool_name, offset))
+        if waiting is not None:
+            with contextlib.suppress(ValueError):
+                waiting.remove(future)
+            if not waiting:
+                del self._waiting[(spool_name, offset)]
+
+    async def fetch(self, spool_name: str, token: str) -> Path:
+        fd, name = tempfile.mkstemp(prefix="fetched-", suffix=".dcm", dir=self._directory)
+        path = Path(name)
+        in_flight: deque[tuple[int, asyncio.Future[Chunk]]] = deque()
+        try:
+            offset = 0
+            while True:
+                while len(in_flight) < _FETCH_WINDOW:
+                    in_flight.append((offset, await self._request(spool_name, token, offset)))
+                    offset += MAX_CHUNK
+                at, future = in_flight.popleft()
+                try:
+                    chunk = await asyncio.wait_for(future, _FETCH_TIMEOUT)
+                except TimeoutError:
+                    raise FetchError(
+                        f"no chunk of {spool_name} within {_FETCH_TIMEOUT:.0f} s"
+                    ) from None
+                finally:
+                    self._forget(spool_name, at, future)
+                if chunk.error:
+                    raise FetchError(chunk.error)
+                os.pwrite(fd, chunk.data, at)
+                if chunk.eof:  # every earlier chunk is written: they came in order
+                    break
+            return path
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        finally:
+            for at, future in in_flight:
+                self._forget(spool_name, at, future)
+            os.close(fd)
 
 
 class Worker:
     def __init__(
         self,
         queue: JobQueue,
-        spool: Spool,
+        spool: Spool | None,
         endpoint: str,
         *,
+        curve: tuple[bytes, KeyPair] | None = None,
+        fetch_dir: Path | None = None,
         calling_ae: str = "ROUTER",
         destinations: tuple[str, ...] | None = None,
         credit: int = 16,
@@ -49,8 +145,10 @@ class Worker:
     ) -> None:
         self.name = f"worker-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._queue = queue
-        self._spool = spool
+        self._spool = spool  # None: no access to the node's spool; fetch files instead
+        self._fetched = FetchedFiles(fetch_dir)
         self._endpoint = endpoint
+        self._curve = curve  # (the dispatcher's public key, ours)
         self._calling_ae = calling_ae
         self._destinations = destinations
         self._credit = credit
@@ -67,8 +165,14 @@ class Worker:
         context = zmq.asyncio.Context()
         socket = context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 1000)
+        if self._curve is not None:
+            server_key, ours = self._curve
+            socket.curve_serverkey = server_key
+            socket.curve_publickey = ours.public
+            socket.curve_secretkey = ours.secret
         socket.connect(self._endpoint)
         self._socket = socket
+        self._fetched.socket = socket
         await socket.send(Hello(self.name, self._destinations, self._credit).encode())
         recorder = asyncio.ensure_future(self._record_results())
         last_beat = last_lease = time.monotonic()
@@ -113,6 +217,8 @@ class Worker:
             task = asyncio.ensure_future(self._deliver(message))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        elif isinstance(message, Chunk):
+            self._fetched.deliver(message)
 
     async def _finish_in_flight(self, grace: float = 30.0) -> None:
         if self._tasks:
@@ -131,13 +237,26 @@ class Worker:
     async def _deliver(self, message: LeaseMessage) -> None:
         started = dt.datetime.now(dt.UTC)
         clock = time.perf_counter()
+        fetched: Path | None = None
         try:
-            path = self._spool.path_for(message.spool_name)
+            if self._spool is not None:
+                path = self._spool.path_for(message.spool_name)
+            else:
+                path = fetched = await self._fetched.fetch(message.spool_name, message.token)
             outcome = await self._pool(message).send(
                 Item(path, message.sop_class, message.transfer_syntax)
             )
         except ValueError as exc:  # a spool name that is not ours: never touch the disk
             outcome = Outcome(failure=Failure.SPOOL_FILE_MISSING, detail=str(exc))
+        except FetchError as exc:
+            gone = str(exc) == "not found"
+            outcome = Outcome(
+                failure=Failure.SPOOL_FILE_MISSING if gone else Failure.CONNECTION_LOST,
+                detail=f"fetching the file from the node: {exc}",
+            )
+        finally:
+            if fetched is not None:
+                fetched.unlink(missing_ok=True)
         duration_ms = int((time.perf_counter() - clock) * 1000)
         verdict, reason = classify(outcome)
         policy = RetryPolicy(
@@ -176,7 +295,7 @@ class Worker:
                 log.warning("could not record %d results: %s", len(batch), exc)
                 names = []
             for name in names:
-                if name:
+                if name and self._spool is not None:
                     self._spool.remove(name)  # every job of that instance is done
             await self._socket.send(Credit(len(batch)).encode())
 

@@ -640,6 +640,25 @@ class JobQueue:
             )
             return bool(result.rowcount)
 
+    def lease_covers(self, token: str, spool_name: str) -> bool:
+        """Whether ``token`` holds a lease on a job of the instance stored as
+        ``spool_name``: the dispatcher serves a spool file's bytes to a worker on another
+        host only then (DESIGN §3, fetch messages)."""
+        if not token:
+            return False
+        with self._read() as connection:
+            row = connection.execute(
+                select(_J.id)
+                .join(_INSTANCES, _I.id == _J.instance_id)
+                .where(
+                    _J.state == JobState.LEASED,
+                    _J.lease_token == token,
+                    _I.spool_name == spool_name,
+                )
+                .limit(1)
+            ).first()
+            return row is not None
+
     def release(self, owner: str) -> int:
         """Graceful shutdown: every lease of ``owner`` goes back to pending, and its
         delivery is not counted. Returns how many."""

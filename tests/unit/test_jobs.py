@@ -648,8 +648,11 @@ def test_a_lease_held_across_the_upgrade_still_holds(tmp_path: Path) -> None:
 def _leaser(url: str, owner: str, out: Any, start: Any) -> None:
     engine = make_engine(url)
     queue = JobQueue(engine)
+    with engine.connect():
+        pass  # connected before the start: neither may finish before the other begins
     start.wait(30)
-    got: list[int] = []
+    got = [lease.job_id for lease in queue.lease(owner, None, 5, 300)]
+    start.wait(30)  # both hold a first batch, then they race for the rest
     while batch := queue.lease(owner, None, 5, 300):
         got.extend(lease.job_id for lease in batch)
     out.put(got)
@@ -661,11 +664,10 @@ def lease_in_two_processes(url: str, expected: list[int]) -> list[list[int]]:
     # fork: the test module is not importable by name in a spawned child (importlib
     # mode); each child makes its own engine, as every process of the node does.
     context = multiprocessing.get_context("fork")
-    out, start = context.Queue(), context.Event()
+    out, start = context.Queue(), context.Barrier(2)
     workers = [context.Process(target=_leaser, args=(url, f"w{i}", out, start)) for i in range(2)]
     for worker in workers:
         worker.start()
-    start.set()
     results = [out.get(timeout=120) for _ in workers]
     for worker in workers:
         worker.join(30)

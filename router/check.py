@@ -1,0 +1,121 @@
+"""``dicom-router check``: every setting that leaves the node open (DESIGN §6).
+
+Pure: settings, destinations, sources and file modes in, findings out. A finding is
+"open" when it lets someone on the network do more than a careful operator would allow
+(any calling AE may store, traffic in clear, secrets readable by others), "note" when
+it is worth knowing but often deliberate (listening on every interface).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import stat
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from router.settings import Settings
+
+OPEN = "open"
+NOTE = "note"
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    level: str  # OPEN or NOTE
+    setting: str
+    value: str
+    why: str
+
+
+def check_settings(settings: Settings) -> Iterator[Finding]:
+    listener = settings.listener
+    if listener.accept == "any":
+        yield Finding(
+            OPEN,
+            "listener.accept",
+            "any",
+            'every calling AE title may store; use "known" and `dicom-router sources add`',
+        )
+    if not listener.check_called_ae:
+        yield Finding(
+            OPEN,
+            "listener.check_called_ae",
+            "false",
+            f"associations to any called AE title are accepted, not only {listener.ae_title!r}",
+        )
+    if not listener.tls_cert:
+        yield Finding(
+            OPEN,
+            "listener.tls_cert",
+            "(none)",
+            "the listener takes associations in clear text (PS3.15 B.1 TLS is off)",
+        )
+    elif not listener.tls_require_client_cert:
+        yield Finding(
+            NOTE,
+            "listener.tls_require_client_cert",
+            "false",
+            "TLS peers are not authenticated by certificate",
+        )
+    if not _is_loopback(listener.bind):
+        yield Finding(
+            NOTE,
+            "listener.bind",
+            listener.bind or "(all)",
+            "the listener is reachable from other hosts",
+        )
+    if settings.metrics.enabled and not _is_loopback(settings.metrics.bind):
+        yield Finding(
+            NOTE,
+            "metrics.bind",
+            settings.metrics.bind,
+            "metrics (destination names, counts) are served to other hosts without auth",
+        )
+
+
+def check_destinations(destinations: Iterable[Any]) -> Iterator[Finding]:
+    for destination in destinations:
+        if destination.tls is None and not _is_loopback(destination.host):
+            yield Finding(
+                OPEN,
+                f"destinations.{destination.name}",
+                f"{destination.host}:{destination.port}",
+                "instances are forwarded in clear text (no --tls)",
+            )
+
+
+def check_files(paths: Iterable[Path]) -> Iterator[Finding]:
+    """Secrets and patient data must not be readable by other users (SEC-20)."""
+    for path in paths:
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            continue
+        if mode & stat.S_IRWXO:
+            yield Finding(
+                OPEN, str(path), oct(stat.S_IMODE(mode)), "open to every user (chmod o-rwx)"
+            )
+        elif mode & stat.S_IRWXG:
+            yield Finding(NOTE, str(path), oct(stat.S_IMODE(mode)), "open to the file's group")
+
+
+def node_files(settings: Settings) -> list[Path]:
+    """The node's files that hold secrets or patient data."""
+    paths = [settings.data_dir, settings.data_dir / "config.toml", settings.spool_dir]
+    database = settings.database_url
+    if database.startswith("sqlite:///"):
+        paths.append(Path(database[len("sqlite:///") :]))
+    if settings.listener.tls_key:
+        paths.append(Path(settings.listener.tls_key))
+    return paths
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

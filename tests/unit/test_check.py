@@ -1,0 +1,83 @@
+"""`dicom-router check` (router/check.py, DESIGN §6): every setting that leaves the node
+open is listed, and a node set up carefully lists nothing open."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+from click.testing import CliRunner
+
+from router.check import OPEN, check_destinations, check_files, check_settings
+from router.cli import main
+from router.settings import ListenerSettings, MetricsSettings, Settings
+
+
+def _settings(**listener: object) -> Settings:
+    return replace(Settings(), listener=replace(ListenerSettings(), **listener))
+
+
+def test_the_defaults_are_named_as_open() -> None:
+    found = {f.setting: f.level for f in check_settings(Settings())}
+    assert found == {"listener.accept": OPEN, "listener.tls_cert": OPEN, "listener.bind": "note"}
+
+
+def test_a_careful_listener_has_nothing_open() -> None:
+    careful = _settings(
+        accept="known",
+        tls_cert="cert.pem",
+        tls_key="key.pem",
+        tls_require_client_cert=True,
+        bind="127.0.0.1",
+    )
+    assert list(check_settings(careful)) == []
+
+
+def test_unchecked_called_ae_tls_without_client_certs_and_public_metrics() -> None:
+    settings = replace(
+        _settings(check_called_ae=False, tls_cert="c", tls_key="k", accept="known"),
+        metrics=MetricsSettings(enabled=True, bind="0.0.0.0"),
+    )
+    found = {f.setting: f.level for f in check_settings(settings)}
+    assert found["listener.check_called_ae"] == OPEN
+    assert found["listener.tls_require_client_cert"] == "note"
+    assert found["metrics.bind"] == "note"
+
+
+def test_destinations_in_clear_text_off_this_host() -> None:
+    destinations = [
+        SimpleNamespace(name="pacs", host="10.0.0.5", port=104, tls=None),
+        SimpleNamespace(name="local", host="127.0.0.1", port=11113, tls=None),
+        SimpleNamespace(name="secure", host="10.0.0.6", port=2762, tls=object()),
+    ]
+    assert [f.setting for f in check_destinations(destinations)] == ["destinations.pacs"]
+
+
+def test_files_open_to_others_or_the_group(tmp_path: Path) -> None:
+    world, group, private = tmp_path / "w", tmp_path / "g", tmp_path / "p"
+    for path, mode in ((world, 0o644), (group, 0o640), (private, 0o600)):
+        path.write_text("x")
+        path.chmod(mode)
+    found = {Path(f.setting).name: f.level for f in check_files([world, group, private])}
+    assert found == {"w": OPEN, "g": "note"}
+
+
+def test_the_command_after_init_and_strict(tmp_path: Path) -> None:
+    runner = CliRunner()
+    data = ["--data-dir", str(tmp_path / "data")]
+    assert runner.invoke(main, [*data, "init"]).exit_code == 0
+    add = ["destinations", "add", "pacs", "--aet", "PACS", "--host", "10.1.1.1", "--port", "104"]
+    assert runner.invoke(main, [*data, *add]).exit_code == 0
+    result = runner.invoke(main, [*data, "check", "--json"])
+    assert result.exit_code == 0
+    settings = {row["setting"] for row in json.loads(result.stdout)}
+    # init made the data directory, config and database private: none of them is listed
+    assert settings == {
+        "listener.accept",
+        "listener.tls_cert",
+        "listener.bind",
+        "destinations.pacs",
+    }
+    assert runner.invoke(main, [*data, "check", "--strict"]).exit_code == 1
