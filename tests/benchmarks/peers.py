@@ -178,8 +178,11 @@ class Receiver:
         self.popen.wait()  # reap only now: until then the group id cannot be reused
 
 
-def wait_ready(port: int, popen: subprocess.Popen[bytes], log: Path, timeout: float = 30.0) -> None:
-    """Wait until 127.0.0.1:port accepts TCP, then until a C-ECHO (echoscu) succeeds."""
+def wait_ready(
+    port: int, popen: subprocess.Popen[bytes], log: Path, timeout: float = 30.0, aet: str = AET
+) -> None:
+    """Wait until 127.0.0.1:port accepts TCP, then until a C-ECHO (echoscu, called AE
+    title ``aet``) succeeds."""
     deadline = time.monotonic() + timeout
     connected = False
     while time.monotonic() < deadline:
@@ -195,7 +198,7 @@ def wait_ready(port: int, popen: subprocess.Popen[bytes], log: Path, timeout: fl
                 time.sleep(0.05)
                 continue
         echo = subprocess.run(
-            ["echoscu", "-to", "5", "-aec", AET, LOOPBACK, str(port)],
+            ["echoscu", "-to", "5", "-aec", aet, LOOPBACK, str(port)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
