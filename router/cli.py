@@ -238,8 +238,13 @@ def serve(ctx: click.Context, **flags: Any) -> None:
     problem = worker_bind_problem(settings)
     if problem:
         _fail(problem)
+    from router.node import NodeBusy
+
     context.repository()  # refuses an out-of-date schema with a clear message
-    serve_node(settings)
+    try:
+        serve_node(settings)
+    except NodeBusy as exc:
+        _fail(str(exc))
 
 
 @main.command("worker")

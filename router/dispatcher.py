@@ -24,9 +24,12 @@ import asyncio
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -43,6 +46,7 @@ from router.messages import (
     Hello,
     LeaseMessage,
     MessageError,
+    Who,
     decode,
 )
 from router.spool import Spool
@@ -70,6 +74,8 @@ class _Worker:
     credit: int
     last_seen: float
     socket: zmq.asyncio.Socket
+    # Leases held per destination, for a worker that says which it gives back (1.2).
+    held: Counter[str] | None = None
 
 
 def lease_message(lease: Lease) -> LeaseMessage:
@@ -106,11 +112,16 @@ class Dispatcher:
         notify_endpoint: str | None = None,
         sweep: float = 1.0,
         coalesce: float = 0.1,
+        pipeline: int = 4,
     ) -> None:
         if isinstance(endpoints, str | Endpoint):
             endpoints = [endpoints]
         self._endpoints = [e if isinstance(e, Endpoint) else Endpoint(e) for e in endpoints]
         self._spool = spool
+        # Leases one worker may hold per destination and association: enough to keep
+        # its associations busy, few enough that a destination that never answers
+        # holds a bounded share of the worker's credit (the others go on meanwhile).
+        self._pipeline = pipeline
         self._notify_endpoint = notify_endpoint
         self._sweep = sweep
         # Notices within this interval share one lease transaction (bigger batches,
@@ -124,7 +135,7 @@ class Dispatcher:
         self._worker_timeout = worker_timeout
         self._workers: dict[tuple[int, bytes], _Worker] = {}
         self._covered: dict[tuple[str, str], float] = {}
-        self._fetches: set[asyncio.Task[None]] = set()
+        self._fetches: set[asyncio.Task[Any]] = set()
         self.ports: list[int] = []  # of the tcp:// endpoints, once bound (port 0: any)
 
     def _bind(self, context: zmq.asyncio.Context) -> list[zmq.asyncio.Socket]:
@@ -221,18 +232,26 @@ class Dispatcher:
         now = time.monotonic()
         key = (index, identity)
         if isinstance(message, Hello):
+            held: Counter[str] | None = Counter() if message.minor >= 2 else None
             self._workers[key] = _Worker(
-                message.worker, message.destinations, message.credit, now, socket
+                message.worker, message.destinations, message.credit, now, socket, held
             )
             self._work = True
             log.info("worker %s connected (credit %d)", message.worker, message.credit)
             return
         worker = self._workers.get(key)
         if worker is None:
-            return  # not introduced (a dispatcher restart): it says hello again
+            # Not introduced: this dispatcher restarted, or forgot a silent worker.
+            task = asyncio.ensure_future(socket.send_multipart([identity, Who().encode()]))
+            self._fetches.add(task)
+            task.add_done_callback(self._fetches.discard)
+            return
         worker.last_seen = now
         if isinstance(message, Credit):
             worker.credit += max(0, message.credit)
+            if worker.held is not None and message.done:
+                worker.held.subtract(message.done)
+                worker.held += Counter()  # drop the ones at zero or below
             if message.credit > 0:
                 # Capacity came back: lease at once, not after the notices' coalescing
                 # interval (a worker draining a backlog would idle for it every batch).
@@ -300,20 +319,32 @@ class Dispatcher:
         for (_, identity), worker in list(self._workers.items()):
             if worker.credit <= 0:
                 continue
+            room = None
+            if worker.held is not None:
+                held = worker.held
+
+                def room(name: str, associations: int, held: Counter[str] = held) -> int:
+                    return max(1, associations) * self._pipeline - held[name]
+
             try:
                 leases = await loop.run_in_executor(
                     None,
-                    self._queue.lease,
-                    worker.name,
-                    worker.destinations,
-                    worker.credit,
-                    self._lease_seconds,
+                    partial(
+                        self._queue.lease,
+                        worker.name,
+                        worker.destinations,
+                        worker.credit,
+                        self._lease_seconds,
+                        room=room,
+                    ),
                 )
             except Exception as exc:  # the database may be briefly unavailable
                 log.warning("dispatcher: leasing failed: %s", exc)
                 return True
             for lease in leases:
                 await worker.socket.send_multipart([identity, lease_message(lease).encode()])
+                if worker.held is not None:
+                    worker.held[lease.destination] += 1
             more = more or len(leases) == worker.credit
             worker.credit -= len(leases)
         return more

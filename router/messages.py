@@ -11,8 +11,9 @@ is a msgpack str, bytes a msgpack bin). Unknown keys are ignored, so a sender of
 minor revision may add fields; a field added in a minor revision is optional and read
 with its default (in brackets below). Revision 1.0: job, hello, credit, lease, bye.
 Revision 1.1: hello ``minor`` and ``"all"``, lease ``sop_instance`` and ``expires``,
-result, heartbeat, fetch, chunk (``MINOR`` = 1). Times are seconds since the Unix epoch
-(UTC), a float (an int is read as one), finite and not negative.
+result, heartbeat, fetch, chunk. Revision 1.2: credit ``done``, who (``MINOR`` = 2).
+Times are seconds since the Unix epoch (UTC), a float (an int is read as one), finite
+and not negative.
 
 Listener -> dispatcher (PUSH/PULL), after the instance and its jobs are committed::
 
@@ -27,7 +28,11 @@ while its token still holds the job's lease (router/db/jobs.py)::
     hello      w -> d  {"worker": str, "destinations": [str, ...] | "all",
                         "credit": uint (leases it can hold), "minor": uint [0]}
                        (nil destinations, as 1.0 wrote them, also mean "all")
-    credit     w -> d  {"credit": uint}: that many more leases; 0 is a keep-alive
+    credit     w -> d  {"credit": uint, "done": [str, ...] [nil]}: that many more leases;
+                       0 is a keep-alive. done: the destination of each lease given back
+                       (the dispatcher caps the leases a worker holds per destination)
+    who        d -> w  {}: the dispatcher does not know this worker (it restarted): the
+                       worker says hello again, with the credit it has free
     lease      d -> w  {"job": uint, "instance": uint, "destination": str, "ae_title": str,
                         "host": str, "port": uint, "max_associations": uint,
                         "max_retries": uint, "spool_name": str, "transfer_syntax": str,
@@ -65,7 +70,7 @@ from typing import Any, ClassVar, cast
 import msgpack
 
 VERSION = 1  # the major version: a message with another "v" is refused
-MINOR = 1  # this module's revision within VERSION, announced in hello
+MINOR = 2  # this module's revision within VERSION, announced in hello
 MAX_CHUNK = 1 << 20  # bytes per fetch; well under ZeroMQ's message limits
 VERDICTS = frozenset({"done", "done_with_warning", "retry", "dead"})  # workers.retry.Verdict
 
@@ -117,6 +122,18 @@ class Hello(_Message):
 class Credit(_Message):
     TYPE: ClassVar[str] = "credit"
     credit: int
+    done: tuple[str, ...] | None = None  # 1.2
+
+    def _fields(self) -> dict[str, Any]:
+        fields = _Message._fields(self)
+        if self.done is not None:
+            fields["done"] = list(self.done)
+        return fields
+
+
+@dataclass(frozen=True, slots=True)
+class Who(_Message):
+    TYPE: ClassVar[str] = "who"
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +199,16 @@ class Bye(_Message):
 
 
 Message = (
-    JobMessage | Hello | Credit | LeaseMessage | ResultMessage | Heartbeat | Fetch | Chunk | Bye
+    JobMessage
+    | Hello
+    | Credit
+    | Who
+    | LeaseMessage
+    | ResultMessage
+    | Heartbeat
+    | Fetch
+    | Chunk
+    | Bye
 )
 
 
@@ -250,6 +276,14 @@ def _verdict(value: Any) -> str:
     return str(value)
 
 
+def _names(value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, list) and all(isinstance(d, str) for d in value):
+        return tuple(value)
+    raise _Bad("must be a list of names or nil")
+
+
 def _destinations(value: Any) -> tuple[str, ...] | None:
     if value is None or value == "all":
         return None
@@ -286,7 +320,8 @@ _SCHEMAS: dict[str, tuple[type[_Message], dict[str, _Reader | _Optional]]] = {
             "minor": _Optional(_uint, 0),
         },
     ),
-    "credit": (Credit, {"credit": _uint}),
+    "credit": (Credit, {"credit": _uint, "done": _Optional(_names, None)}),
+    "who": (Who, {}),
     "lease": (
         LeaseMessage,
         {

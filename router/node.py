@@ -207,11 +207,38 @@ def serve(settings: Settings) -> None:
     N listeners (sharing the port with SO_REUSEPORT; each admits its share of
     ``max_associations``), the dispatcher and M forwarding workers. A child that dies is
     restarted, with a growing pause if it keeps dying at once (DESIGN §3.6)."""
+    wait_for_leftovers(settings)
     engine = make_engine(settings.database_url)
     check_schema(engine)
     recover(settings, Repository(engine))
     engine.dispose()
     Supervisor(settings).run()
+
+
+class NodeBusy(RuntimeError):
+    """Processes of another run on the same data directory are still alive."""
+
+
+def wait_for_leftovers(settings: Settings, grace: float | None = None) -> None:
+    """Give the processes of an earlier run (orphans of a killed supervisor stop once
+    their in-flight associations end) up to ``grace`` seconds, then refuse to start:
+    recovering the spool under a listener that still commits would delete files it is
+    about to acknowledge."""
+    import time
+
+    from router.status import leftover_processes
+
+    grace = settings.listener.dimse_timeout + 10 if grace is None else grace
+    deadline = time.monotonic() + grace
+    left = leftover_processes(settings.data_dir)
+    if left:
+        log.warning("waiting for the processes of an earlier run to stop: %s", left)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = leftover_processes(settings.data_dir)
+    if left:
+        names = ", ".join(f"{name} (pid {pid})" for name, pid in left)
+        raise NodeBusy(f"another run on {settings.data_dir} is still alive: {names}")
 
 
 class Supervisor:
@@ -299,10 +326,29 @@ class Supervisor:
         self._status.node_stopped()
 
 
-def _child_logging() -> None:
+def _child_setup() -> None:
+    _die_with_the_supervisor()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+
+
+def _die_with_the_supervisor() -> None:
+    """SIGTERM this child when the supervisor dies, even by SIGKILL (Linux
+    PR_SET_PDEATHSIG), so that no orphan keeps serving the port or the spool; it stops
+    as it would on the supervisor's own SIGTERM."""
+    import ctypes
+    import multiprocessing
+
+    pr_set_pdeathsig = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return  # not Linux: the leftover check at the next start still holds
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        os.kill(os.getpid(), signal.SIGTERM)  # it died before prctl took effect
 
 
 def _stop_event() -> asyncio.Event:
@@ -314,7 +360,7 @@ def _stop_event() -> asyncio.Event:
 
 
 def _listener_process(settings: Settings, reuse_port: bool) -> None:
-    _child_logging()
+    _child_setup()
     asyncio.run(run_listener(settings, reuse_port=reuse_port))
 
 
@@ -322,7 +368,7 @@ def _metrics_process(settings: Settings) -> None:
     from router.db.jobs import JobQueue
     from router.metrics import serve_metrics
 
-    _child_logging()
+    _child_setup()
 
     async def main() -> None:
         engine = make_engine(settings.database_url)
@@ -343,7 +389,7 @@ def _janitor_process(settings: Settings) -> None:
     from router.db.jobs import JobQueue
     from router.janitor import SpoolJanitor
 
-    _child_logging()
+    _child_setup()
 
     async def main() -> None:
         engine = make_engine(settings.database_url)
@@ -399,7 +445,7 @@ def _dispatcher_process(settings: Settings) -> None:
     from router.db.jobs import JobQueue
     from router.dispatcher import Dispatcher
 
-    _child_logging()
+    _child_setup()
 
     async def main() -> None:
         engine = make_engine(settings.database_url)
@@ -410,6 +456,7 @@ def _dispatcher_process(settings: Settings) -> None:
             spool=Spool(settings.spool_dir, settings.spool),
             lease_seconds=settings.workers.lease_seconds,
             notify_endpoint=settings.dispatcher_notify_endpoint,
+            pipeline=settings.workers.pipeline,
         )
         await dispatcher.run(_stop_event())
         engine.dispose()
@@ -418,7 +465,7 @@ def _dispatcher_process(settings: Settings) -> None:
 
 
 def _worker_process(settings: Settings) -> None:
-    _child_logging()
+    _child_setup()
     asyncio.run(run_worker(settings, settings.dispatcher_endpoint))
 
 
@@ -437,6 +484,7 @@ async def run_worker(
     from workers.retry import RetryPolicy
     from workers.worker import Worker
 
+    workers = settings.workers
     engine = make_engine(settings.database_url)
     check_schema(engine)
     worker = Worker(
@@ -447,6 +495,9 @@ async def run_worker(
         calling_ae=settings.listener.ae_title,
         destinations=destinations,
         credit=settings.workers.credit,
+        timeouts=Timeouts(
+            connect=workers.connect_timeout, acse=workers.acse_timeout, dimse=workers.dimse_timeout
+        ),
         policy=RetryPolicy(
             max_deliveries=settings.workers.max_deliveries,
             base=settings.workers.retry_base,

@@ -64,7 +64,15 @@ class SpoolSettings:
 @dataclass(frozen=True)
 class WorkerSettings:
     count: int = 1  # forwarding worker processes started by `serve`
-    credit: int = 16  # leases one worker holds at most
+    credit: int = 64  # leases one worker holds at most
+    # Leases a worker holds per destination and association: a destination that never
+    # answers holds at most max_associations * pipeline of a worker's credit.
+    pipeline: int = 4
+    # Seconds for the TCP connection to a destination, its A-ASSOCIATE-AC, and each
+    # C-STORE response.
+    connect_timeout: float = 10.0
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 120.0
     lease_seconds: float = 120.0  # a lease not finished by then is due again
     retry_base: float = 5.0  # seconds before the first retry (exponential, jitter)
     retry_cap: float = 600.0
@@ -264,6 +272,11 @@ def _validate(settings: Settings) -> None:
             raise SettingsError(f"listener.{name} must be at least 1")
     if settings.workers.count < 0 or settings.workers.credit < 1:
         raise SettingsError("workers.count must be at least 0 and workers.credit at least 1")
+    if settings.workers.pipeline < 1:
+        raise SettingsError("workers.pipeline must be at least 1")
+    for name in ("connect_timeout", "acse_timeout", "dimse_timeout"):
+        if not getattr(settings.workers, name) > 0:
+            raise SettingsError(f"workers.{name} must be positive")
     if listener.max_pdu_length != 0 and listener.max_pdu_length < 4096:
         raise SettingsError("listener.max_pdu_length must be 0 (unlimited) or at least 4096")
     if not 0 <= settings.metrics.port <= 65535:

@@ -127,3 +127,32 @@ def _parent(pid: int) -> int | None:
     if fields is None or fields[0] in ("Z", "X"):
         return None
     return int(fields[1])
+
+
+def leftover_processes(data_dir: Path) -> list[tuple[str, int]]:
+    """Processes of an earlier run on this data directory that are still alive: its
+    supervisor, and children, orphaned ones too (a SIGKILLed supervisor's children get
+    SIGTERM from the kernel, but finish their in-flight work first). A new node must not
+    recover the spool under a listener that may still commit and acknowledge."""
+    try:
+        state = json.loads(status_path(data_dir).read_text())
+        entries = [("supervisor", int(state["pid"]))]
+        entries += [
+            (name, int(child["pid"]))
+            for name, child in dict(state["children"]).items()
+            if child.get("pid") is not None
+        ]
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return []
+    return [(name, pid) for name, pid in entries if pid != os.getpid() and _ours(pid)]
+
+
+def _ours(pid: int) -> bool:
+    """Alive and a Python process of this program (not a pid reused by another)."""
+    if not _alive(pid):
+        return False
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    return b"multiprocessing" in command or b"dicom-router" in command or b"router" in command

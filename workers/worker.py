@@ -42,6 +42,7 @@ from router.messages import (
     Hello,
     LeaseMessage,
     MessageError,
+    Who,
     decode,
 )
 from router.spool import Spool
@@ -159,6 +160,8 @@ class Worker:
         self._rng = random.Random()
         self._tasks: set[asyncio.Task[None]] = set()
         self._results: list[Result] = []
+        self._outstanding = 0  # leases received whose credit has not gone back yet
+        self._introduce = False
         self._results_ready = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -173,7 +176,7 @@ class Worker:
         socket.connect(self._endpoint)
         self._socket = socket
         self._fetched.socket = socket
-        await socket.send(Hello(self.name, self._destinations, self._credit).encode())
+        await socket.send(self._hello())
         recorder = asyncio.ensure_future(self._record_results())
         last_beat = last_lease = time.monotonic()
         try:
@@ -181,15 +184,16 @@ class Worker:
                 if await socket.poll(int(self._heartbeat * 500)):
                     self._accept(await socket.recv())
                     last_lease = time.monotonic()
+                if self._introduce:
+                    self._introduce = False
+                    await socket.send(self._hello())
                 now = time.monotonic()
                 if now - last_beat >= self._heartbeat:
                     last_beat = now
                     if now - last_lease > 5 * self._heartbeat and not self._tasks:
                         # Idle with full credit: the dispatcher may have restarted and
                         # forgotten us; introducing ourselves again is harmless.
-                        await socket.send(
-                            Hello(self.name, self._destinations, self._credit).encode()
-                        )
+                        await socket.send(self._hello())
                     else:
                         await socket.send(Credit(0).encode())
                     for pool in self._pools.values():
@@ -207,6 +211,10 @@ class Worker:
             context.term()
             await asyncio.get_running_loop().run_in_executor(None, self._queue.release, self.name)
 
+    def _hello(self) -> bytes:
+        free = max(0, self._credit - self._outstanding)
+        return Hello(self.name, self._destinations, free).encode()
+
     def _accept(self, data: bytes) -> None:
         try:
             message = decode(data)
@@ -214,11 +222,14 @@ class Worker:
             log.warning("%s: dropped a bad message: %s", self.name, exc)
             return
         if isinstance(message, LeaseMessage):
+            self._outstanding += 1
             task = asyncio.ensure_future(self._deliver(message))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         elif isinstance(message, Chunk):
             self._fetched.deliver(message)
+        elif isinstance(message, Who):  # the dispatcher restarted and forgot us
+            self._introduce = True
 
     async def _finish_in_flight(self, grace: float = 30.0) -> None:
         if self._tasks:
@@ -297,7 +308,9 @@ class Worker:
             for name in names:
                 if name and self._spool is not None:
                     self._spool.remove(name)  # every job of that instance is done
-            await self._socket.send(Credit(len(batch)).encode())
+            done = tuple(result.lease.destination for result in batch)
+            self._outstanding -= len(batch)
+            await self._socket.send(Credit(len(batch), done).encode())
 
     def _result(
         self,

@@ -535,11 +535,15 @@ class JobQueue:
         limit: int,
         lease_seconds: float,
         exclude_destinations: Collection[str] = (),
+        room: Callable[[str, int], int] | None = None,
     ) -> list[Lease]:
         """Lease up to ``limit`` due jobs of ``destinations`` (None: all of them, less
         ``exclude_destinations``: those at their association limit or backing off), by
-        priority then age. Due jobs past a cap are dead-lettered on the way, and do not
-        count against ``limit``."""
+        priority then age. ``room(name, max_associations)``, when given, caps how many
+        jobs of each destination this call may lease (the dispatcher's per-destination
+        limit: a destination that never answers must not take a worker's whole credit);
+        a job over its destination's room stays due. Due jobs past a cap are
+        dead-lettered on the way, and do not count against ``limit``."""
         if limit <= 0 or lease_seconds <= 0 or (destinations is not None and not destinations):
             return []
         now = self._clock()
@@ -551,6 +555,7 @@ class JobQueue:
             params["excluded"] = list(exclude_destinations)
         leases: list[Lease] = []
         seen: set[int] = set()  # candidates of this call: leased, dead-lettered or skipped
+        left: dict[str, int] = {}  # room left per destination name, once known
         with self._write() as connection:
             targets = self._targets(connection, destinations, exclude_destinations)
             chosen_query = _chosen(connection.dialect.name == "postgresql")
@@ -576,6 +581,12 @@ class JobQueue:
                     if reason is not None:
                         dead.append({"b_id": row.id, "b_reason": reason, "b_now": now})
                         continue
+                    if room is not None:
+                        if row.name not in left:
+                            left[row.name] = room(row.name, row.max_associations)
+                        if left[row.name] <= 0:
+                            continue  # stays due; seen, so not read again in this call
+                        left[row.name] -= 1
                     token = secrets.token_hex(16)
                     chosen.append(
                         {
@@ -593,7 +604,14 @@ class JobQueue:
                     connection.execute(_LEASE, chosen)
                 if len(order) < wanted:
                     break  # everything due was looked at
+                if left and any(n <= 0 for n in left.values()):
+                    full = {n for n, r in left.items() if r <= 0}
+                    targets = [t for t in targets if self._name_of(connection, t) not in full]
         return leases
+
+    @staticmethod
+    def _name_of(connection: Connection, destination_id: int) -> str:
+        return str(connection.execute(select(_D.name).where(_D.id == destination_id)).scalar())
 
     @staticmethod
     def _targets(

@@ -18,8 +18,9 @@ acknowledged only when its C-STORE got a success status, and anything else is se
 in the next round once the listener is back. A killer thread reads the children's pids
 from ``run/node.json`` (``router/status.py``); the supervisor restarts a killed child.
 After a SIGKILL of the supervisor the test notes which of its children outlived it
-(they do: see ``test_children_do_not_outlive_a_sigkilled_supervisor``), kills what is
-left of serve's process group, and starts ``serve`` again.
+(none should for long: they get SIGTERM from the kernel, see
+``test_children_do_not_outlive_a_sigkilled_supervisor``), kills what is left of serve's
+process group, and starts ``serve`` again.
 
 A child that dies within 10 s of its start is restarted after a doubling pause
 (router/node.py); the killer never kills the same child "quickly" twice in a row, so
@@ -594,16 +595,6 @@ def test_sigkills_during_forwarding_lose_no_acknowledged_instance(
     assert during_sending == KILLS, f"kills after the last instance was sent {tail}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "router/node.py Supervisor.run starts its children with multiprocessing spawn and"
-        " nothing ties them to the supervisor's life (no PR_SET_PDEATHSIG, no watch of the"
-        " parent pid): after SIGKILL of `serve` the listener, dispatcher, worker and janitor"
-        " run on unsupervised (ppid 1), the orphan listener keeps the port and answers"
-        " associations, and a restarted serve's listener dies of EADDRINUSE in a loop"
-    ),
-)
 def test_children_do_not_outlive_a_sigkilled_supervisor(node: Node) -> None:
     node.cli("init")
     node.start()

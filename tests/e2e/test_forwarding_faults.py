@@ -369,21 +369,6 @@ def test_out_of_resources_is_retried_with_backoff_until_every_instance_arrives(
 # --------------------------------------------------------------------------------------
 # 2. dead destinations beside live ones
 # --------------------------------------------------------------------------------------
-# strict: once the dispatcher limits leases per destination this passes (checked by
-# hand with DICOM_ROUTER_WORKERS_CREDIT=64, enough credit to absorb the black hole's 50
-# jobs: 14 s, passed) and XPASS fails the run: then remove this marker.
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "product bug: the dispatcher leases by age across all destinations up to the"
-        " worker's whole credit (router/dispatcher.py Dispatcher._dispatch calls"
-        " JobQueue.lease without exclude_destinations: no per-destination limit), and"
-        " the worker parks every lease of a destination on its pool's free-slot queue"
-        " (workers/sender.py DestinationPool.send: await self._free.get()); the black"
-        " hole's leases pile up until they hold all 16 credits (workers.credit) and the"
-        " live destinations stop at 16 of 50 until its 30 s ACSE timeout fires"
-    ),
-)
 def test_live_destinations_receive_everything_before_a_black_holes_first_acse_timeout(
     node: Node, tmp_path: Path
 ) -> None:

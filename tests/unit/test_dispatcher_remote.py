@@ -264,9 +264,12 @@ def test_serve_refuses_an_open_worker_endpoint_without_curve_or_insecure(tmp_pat
     assert problem is not None and "--insecure-workers" in problem
     assert worker_bind_problem(settings(bind="tcp://0.0.0.0:7000", insecure=True)) is None
     key, _ = generate("node", tmp_path)
-    assert worker_bind_problem(
-        settings(bind="tcp://0.0.0.0:7000", key=str(key), allowed_keys=str(tmp_path))
-    ) is None
+    assert (
+        worker_bind_problem(
+            settings(bind="tcp://0.0.0.0:7000", key=str(key), allowed_keys=str(tmp_path))
+        )
+        is None
+    )
     problem = worker_bind_problem(
         settings(bind="tcp://0.0.0.0:7000", key=str(key), allowed_keys=str(tmp_path / "no"))
     )

@@ -27,6 +27,7 @@ from router.messages import (
     Message,
     MessageError,
     ResultMessage,
+    Who,
     decode,
 )
 
@@ -215,6 +216,8 @@ SAMPLES: list[Message] = [
     Chunk("ab/x.dcm", 0, b"DICM", True),
     Chunk("ab/x.dcm", 0, b"", True, "not found"),
     Bye(),
+    Who(),
+    Credit(2, ("pacs", "ai")),
 ]
 # Fields added in revision 1.1 (or optional from the start) and what their absence means.
 ABSENT: dict[tuple[str, str], object] = {
@@ -223,6 +226,7 @@ ABSENT: dict[tuple[str, str], object] = {
     ("lease", "sop_instance"): "",
     ("lease", "expires"): 0.0,
     ("chunk", "error"): "",
+    ("credit", "done"): None,
 }
 
 
@@ -261,7 +265,7 @@ def test_a_field_of_the_wrong_type_is_refused(message: Message, key: str, wrong:
         or (key in ("expires", "started") and isinstance(wrong, float))
         or (key in ("eof", "data") and type(wrong) is type(right))
         or (key in ("priority", "job", "instance") and message.TYPE == "job" and wrong == -1)
-        or (key in ("destinations", "status") and wrong is None)
+        or (key in ("destinations", "status", "done") and wrong is None)
     )
     if acceptable:
         return  # a valid value for this field
