@@ -34,6 +34,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from router.backoff import DestinationHealth
 from router.curve import KeyPair, ZapHandler
 from router.db.jobs import JobQueue, Lease
 from router.messages import (
@@ -113,6 +114,7 @@ class Dispatcher:
         sweep: float = 1.0,
         coalesce: float = 0.1,
         pipeline: int = 4,
+        health: DestinationHealth | None = None,
     ) -> None:
         if isinstance(endpoints, str | Endpoint):
             endpoints = [endpoints]
@@ -122,6 +124,7 @@ class Dispatcher:
         # its associations busy, few enough that a destination that never answers
         # holds a bounded share of the worker's credit (the others go on meanwhile).
         self._pipeline = pipeline
+        self._health = health or DestinationHealth(base=5.0, cap=600.0)
         self._notify_endpoint = notify_endpoint
         self._sweep = sweep
         # Notices within this interval share one lease transaction (bigger batches,
@@ -232,12 +235,14 @@ class Dispatcher:
         now = time.monotonic()
         key = (index, identity)
         if isinstance(message, Hello):
+            known = self._workers.get(key)
             held: Counter[str] | None = Counter() if message.minor >= 2 else None
             self._workers[key] = _Worker(
                 message.worker, message.destinations, message.credit, now, socket, held
             )
             self._work = True
-            log.info("worker %s connected (credit %d)", message.worker, message.credit)
+            if known is None or known.name != message.worker:
+                log.info("worker %s connected (credit %d)", message.worker, message.credit)
             return
         worker = self._workers.get(key)
         if worker is None:
@@ -252,6 +257,11 @@ class Dispatcher:
             if worker.held is not None and message.done:
                 worker.held.subtract(message.done)
                 worker.held += Counter()  # drop the ones at zero or below
+            for name in message.down or ():
+                self._health.unreachable(name)
+                log.info("destination %s unreachable: backing off", name)
+            for name in message.up or ():
+                self._health.reachable(name)
             if message.credit > 0:
                 # Capacity came back: lease at once, not after the notices' coalescing
                 # interval (a worker draining a backlog would idle for it every batch).
@@ -319,12 +329,18 @@ class Dispatcher:
         for (_, identity), worker in list(self._workers.items()):
             if worker.credit <= 0:
                 continue
-            room = None
-            if worker.held is not None:
-                held = worker.held
+            held: Counter[str] = worker.held if worker.held is not None else Counter()
+            capped = worker.held is not None
 
-                def room(name: str, associations: int, held: Counter[str] = held) -> int:
-                    return max(1, associations) * self._pipeline - held[name]
+            def room(
+                name: str, associations: int, held: Counter[str] = held, capped: bool = capped
+            ) -> int:
+                probe = self._health.room(name, held[name])
+                if probe is not None:
+                    return probe  # in backoff (0), or one probe job
+                if not capped:
+                    return 1 << 30  # a 1.0/1.1 worker: no per-destination count
+                return max(1, associations) * self._pipeline - held[name]
 
             try:
                 leases = await loop.run_in_executor(

@@ -11,7 +11,8 @@ is a msgpack str, bytes a msgpack bin). Unknown keys are ignored, so a sender of
 minor revision may add fields; a field added in a minor revision is optional and read
 with its default (in brackets below). Revision 1.0: job, hello, credit, lease, bye.
 Revision 1.1: hello ``minor`` and ``"all"``, lease ``sop_instance`` and ``expires``,
-result, heartbeat, fetch, chunk. Revision 1.2: credit ``done``, who (``MINOR`` = 2).
+result, heartbeat, fetch, chunk. Revision 1.2: credit ``done``, ``down`` and ``up``,
+who (``MINOR`` = 2).
 Times are seconds since the Unix epoch (UTC), a float (an int is read as one), finite
 and not negative.
 
@@ -28,9 +29,12 @@ while its token still holds the job's lease (router/db/jobs.py)::
     hello      w -> d  {"worker": str, "destinations": [str, ...] | "all",
                         "credit": uint (leases it can hold), "minor": uint [0]}
                        (nil destinations, as 1.0 wrote them, also mean "all")
-    credit     w -> d  {"credit": uint, "done": [str, ...] [nil]}: that many more leases;
-                       0 is a keep-alive. done: the destination of each lease given back
-                       (the dispatcher caps the leases a worker holds per destination)
+    credit     w -> d  {"credit": uint, "done": [str, ...] [nil], "down": [str, ...] [nil],
+                        "up": [str, ...] [nil]}: that many more leases; 0 is a keep-alive.
+                       done: the destination of each lease given back (the dispatcher
+                       caps the leases a worker holds per destination); down / up: the
+                       destinations whose last attempt here could not reach them / did
+                       (the dispatcher's destination backoff, router/backoff.py)
     who        d -> w  {}: the dispatcher does not know this worker (it restarted): the
                        worker says hello again, with the credit it has free
     lease      d -> w  {"job": uint, "instance": uint, "destination": str, "ae_title": str,
@@ -123,11 +127,15 @@ class Credit(_Message):
     TYPE: ClassVar[str] = "credit"
     credit: int
     done: tuple[str, ...] | None = None  # 1.2
+    down: tuple[str, ...] | None = None  # 1.2
+    up: tuple[str, ...] | None = None  # 1.2
 
     def _fields(self) -> dict[str, Any]:
-        fields = _Message._fields(self)
-        if self.done is not None:
-            fields["done"] = list(self.done)
+        fields: dict[str, Any] = {"credit": self.credit}
+        for name in ("done", "down", "up"):
+            value = getattr(self, name)
+            if value is not None:
+                fields[name] = list(value)
         return fields
 
 
@@ -320,7 +328,15 @@ _SCHEMAS: dict[str, tuple[type[_Message], dict[str, _Reader | _Optional]]] = {
             "minor": _Optional(_uint, 0),
         },
     ),
-    "credit": (Credit, {"credit": _uint, "done": _Optional(_names, None)}),
+    "credit": (
+        Credit,
+        {
+            "credit": _uint,
+            "done": _Optional(_names, None),
+            "down": _Optional(_names, None),
+            "up": _Optional(_names, None),
+        },
+    ),
     "who": (Who, {}),
     "lease": (
         LeaseMessage,

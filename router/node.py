@@ -442,13 +442,15 @@ def worker_bind_problem(settings: Settings) -> str | None:
 
 
 def _dispatcher_process(settings: Settings) -> None:
+    from router.backoff import DestinationHealth
     from router.db.jobs import JobQueue
     from router.dispatcher import Dispatcher
 
     _child_setup()
 
     async def main() -> None:
-        engine = make_engine(settings.database_url)
+        # Leases need no fsync of their own (router/db/engine.py make_engine).
+        engine = make_engine(settings.database_url, durable=False)
         queue = JobQueue(engine, max_deliveries=settings.workers.max_deliveries)
         dispatcher = Dispatcher(
             queue,
@@ -457,6 +459,7 @@ def _dispatcher_process(settings: Settings) -> None:
             lease_seconds=settings.workers.lease_seconds,
             notify_endpoint=settings.dispatcher_notify_endpoint,
             pipeline=settings.workers.pipeline,
+            health=DestinationHealth(settings.workers.retry_base, settings.workers.retry_cap),
         )
         await dispatcher.run(_stop_event())
         engine.dispose()

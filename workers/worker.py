@@ -52,6 +52,18 @@ from workers.sender import Destination, DestinationPool, Item
 log = logging.getLogger(__name__)
 
 _STATE = {"done": JobState.DONE, "retry_wait": JobState.RETRY_WAIT, "dead": JobState.DEAD}
+# Attempts that say the destination could not be reached at all (the dispatcher then
+# backs off the whole destination), and those that say nothing about it either way.
+_UNREACHABLE = frozenset(
+    {
+        Failure.CONNECTION_REFUSED,
+        Failure.CONNECTION_RESET,
+        Failure.CONNECTION_LOST,
+        Failure.TIMEOUT,
+        Failure.REJECTED_TRANSIENT,
+    }
+)
+_NOT_ABOUT_REACHING = frozenset({Failure.SPOOL_FILE_MISSING, Failure.INTERNAL_ERROR})
 _FETCH_WINDOW = 4  # chunk requests in flight per file
 _FETCH_TIMEOUT = 30.0  # seconds for one chunk to come back
 
@@ -162,6 +174,9 @@ class Worker:
         self._results: list[Result] = []
         self._outstanding = 0  # leases received whose credit has not gone back yet
         self._introduce = False
+        # Per destination, whether the last attempt reached it (for the dispatcher's
+        # destination backoff; sent with the next credit).
+        self._reached: dict[str, bool] = {}
         self._results_ready = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -249,6 +264,7 @@ class Worker:
         started = dt.datetime.now(dt.UTC)
         clock = time.perf_counter()
         fetched: Path | None = None
+        judged = True  # whether the outcome says anything about reaching the destination
         try:
             if self._spool is not None:
                 path = self._spool.path_for(message.spool_name)
@@ -260,6 +276,7 @@ class Worker:
         except ValueError as exc:  # a spool name that is not ours: never touch the disk
             outcome = Outcome(failure=Failure.SPOOL_FILE_MISSING, detail=str(exc))
         except FetchError as exc:
+            judged = False  # the node, not the destination, did not answer
             gone = str(exc) == "not found"
             outcome = Outcome(
                 failure=Failure.SPOOL_FILE_MISSING if gone else Failure.CONNECTION_LOST,
@@ -269,6 +286,8 @@ class Worker:
             if fetched is not None:
                 fetched.unlink(missing_ok=True)
         duration_ms = int((time.perf_counter() - clock) * 1000)
+        if judged and outcome.failure not in _NOT_ABOUT_REACHING:
+            self._reached[message.destination] = outcome.failure not in _UNREACHABLE
         verdict, reason = classify(outcome)
         policy = RetryPolicy(
             max_attempts=max(1, message.max_retries),
@@ -309,8 +328,11 @@ class Worker:
                 if name and self._spool is not None:
                     self._spool.remove(name)  # every job of that instance is done
             done = tuple(result.lease.destination for result in batch)
+            reached, self._reached = self._reached, {}
+            down = tuple(name for name, ok in reached.items() if not ok)
+            up = tuple(name for name, ok in reached.items() if ok)
             self._outstanding -= len(batch)
-            await self._socket.send(Credit(len(batch), done).encode())
+            await self._socket.send(Credit(len(batch), done, down, up).encode())
 
     def _result(
         self,

@@ -45,11 +45,11 @@ BUSY_TIMEOUT_MS = 10_000
 WRITE_OPTION = "dicom_router_write"
 
 
-def sqlite_pragmas(*, foreign_keys: bool = True) -> tuple[str, ...]:
-    """The statements run on every new SQLite connection."""
+def sqlite_pragmas(*, foreign_keys: bool = True, durable: bool = True) -> tuple[str, ...]:
+    """The statements run on every new SQLite connection (``durable``: see make_engine)."""
     return (
         "PRAGMA journal_mode=WAL",
-        "PRAGMA synchronous=FULL",
+        f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}",
         f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}",
         f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}",
     )
@@ -76,17 +76,26 @@ def redacted(url: str | URL) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def make_engine(url: str | URL, *, foreign_keys: bool = True, **kwargs: Any) -> Engine:
+def make_engine(
+    url: str | URL, *, foreign_keys: bool = True, durable: bool = True, **kwargs: Any
+) -> Engine:
     """An engine for ``url`` with the settings above applied to every new connection.
 
     ``foreign_keys=False`` is for migrations only: SQLite's batch mode copies and drops
     tables, which foreign-key enforcement would turn into cascades or failures.
+
+    ``durable=False`` is for the dispatcher's leases only: on SQLite its commits skip the
+    WAL fsync (``synchronous=NORMAL``: still atomic; after a power loss the latest of
+    them may be rolled back, and a lease rolled back is only a job due again, so
+    delivery stays at least once). The next durable commit of any process fsyncs the WAL
+    with those frames in it. Instance, job and result commits stay ``FULL``
+    (DESIGN §3.1); PostgreSQL keeps ``synchronous_commit=on`` for every connection.
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         kwargs.setdefault("connect_args", {}).setdefault("timeout", BUSY_TIMEOUT_MS / 1000)
         engine = create_engine(parsed, **kwargs)
-        _configure_sqlite(engine, foreign_keys=foreign_keys)
+        _configure_sqlite(engine, foreign_keys=foreign_keys, durable=durable)
         return engine
     if parsed.get_backend_name() == "postgresql":
         kwargs.setdefault("pool_pre_ping", True)
@@ -106,8 +115,8 @@ def make_session_factory(engine: Engine, *, write: bool = False) -> sessionmaker
     return sessionmaker(bind=bind, expire_on_commit=False)
 
 
-def _configure_sqlite(engine: Engine, *, foreign_keys: bool) -> None:
-    pragmas = sqlite_pragmas(foreign_keys=foreign_keys)
+def _configure_sqlite(engine: Engine, *, foreign_keys: bool, durable: bool) -> None:
+    pragmas = sqlite_pragmas(foreign_keys=foreign_keys, durable=durable)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:

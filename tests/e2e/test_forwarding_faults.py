@@ -485,3 +485,41 @@ def test_sigterm_while_forwarding_exits_0_leaves_no_lease_and_a_restart_delivers
         gate.set()
         node.kill()
         scp.shutdown()
+
+
+# --------------------------------------------------------------------------------------
+# 4. a destination down for longer than its retries last
+# --------------------------------------------------------------------------------------
+def test_a_destination_down_longer_than_its_retries_spends_attempts_of_probes_only(
+    node: Node, tmp_path: Path
+) -> None:
+    """The dispatcher backs off the whole destination (router/backoff.py): its queued
+    jobs wait without spending attempts, and only the probe jobs (one at a time, after
+    each interval) meet the closed port. A destination allowed 2 attempts per job that
+    stays down for many intervals loses only its probes to dead letter, not the queue
+    (per-job retries alone, base 0.3 s and cap 1 s, would dead-letter every job within
+    seconds); when it comes back the rest arrives, and `queue retry` sends the probes."""
+    late = StoreSCP(tmp_path, "late")
+    node.add_destination("late", late.port, max_retries=2)
+    node.cli("rules", "add", "all", "--to", "late")
+    node.serve()
+    sent = _study(tmp_path / "study", 30)
+    node.send(tmp_path / "study")
+    try:
+        assert _wait_for(lambda: len(node.attempts("late")) >= 6, 30), node.log()[-3000:]
+        time.sleep(3 * RETRY_CAP)
+        late.start()
+
+        def settled() -> bool:
+            states = {s for (s,) in node.query("select state from jobs")}
+            return states <= {"done", "dead"}
+
+        assert _wait_for(settled, 60), node.log()[-3000:]
+        failed = [a for a in node.attempts("late") if a.outcome != "done"]
+        (dead,) = node.query("select count(*) from jobs where state = 'dead'")[0]
+        assert int(dead) <= len(failed) // 2 < len(sent) // 2, failed  # 2 attempts each
+        assert len(late.received()) == len(sent) - int(dead)
+        node.cli("queue", "retry", "--destination", "late")
+        assert _wait_for(lambda: late.received() == set(sent), 60), node.log()[-3000:]
+    finally:
+        late.stop()

@@ -70,3 +70,13 @@ def test_a_writer_gives_up_after_the_busy_timeout(
     holder.join(10)
     with engine.connect() as connection:  # the pooled connection works, its timeout as set
         assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 200
+
+
+def test_only_an_engine_made_not_durable_skips_the_wal_fsync(tmp_path: Path) -> None:
+    """The dispatcher's leases commit with synchronous=NORMAL; everything else FULL."""
+    url = f"sqlite:///{tmp_path / 'd.sqlite'}"
+    for durable, expected in ((True, 2), (False, 1)):  # PRAGMA synchronous: 2 FULL, 1 NORMAL
+        engine = make_engine(url, durable=durable)
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == expected
+        engine.dispose()

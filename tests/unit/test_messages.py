@@ -218,6 +218,7 @@ SAMPLES: list[Message] = [
     Bye(),
     Who(),
     Credit(2, ("pacs", "ai")),
+    Credit(1, ("pacs",), down=("pacs",), up=("ai",)),
 ]
 # Fields added in revision 1.1 (or optional from the start) and what their absence means.
 ABSENT: dict[tuple[str, str], object] = {
@@ -227,6 +228,8 @@ ABSENT: dict[tuple[str, str], object] = {
     ("lease", "expires"): 0.0,
     ("chunk", "error"): "",
     ("credit", "done"): None,
+    ("credit", "down"): None,
+    ("credit", "up"): None,
 }
 
 
@@ -265,7 +268,7 @@ def test_a_field_of_the_wrong_type_is_refused(message: Message, key: str, wrong:
         or (key in ("expires", "started") and isinstance(wrong, float))
         or (key in ("eof", "data") and type(wrong) is type(right))
         or (key in ("priority", "job", "instance") and message.TYPE == "job" and wrong == -1)
-        or (key in ("destinations", "status", "done") and wrong is None)
+        or (key in ("destinations", "status", "done", "down", "up") and wrong is None)
     )
     if acceptable:
         return  # a valid value for this field
