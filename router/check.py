@@ -66,6 +66,13 @@ def check_settings(settings: Settings) -> Iterator[Finding]:
             listener.bind or "(all)",
             "the listener is reachable from other hosts",
         )
+    if not settings.audit.enabled:
+        yield Finding(
+            NOTE,
+            "audit.enabled",
+            "false",
+            "associations, refusals and transfers leave no audit record (PS3.15 A.5)",
+        )
     if settings.metrics.enabled and not _is_loopback(settings.metrics.bind):
         yield Finding(
             NOTE,
@@ -103,7 +110,9 @@ def check_files(paths: Iterable[Path]) -> Iterator[Finding]:
 
 def node_files(settings: Settings) -> list[Path]:
     """The node's files that hold secrets or patient data."""
+    audit = settings.data_dir / "audit"
     paths = [settings.data_dir, settings.data_dir / "config.toml", settings.spool_dir]
+    paths += [audit, audit / "audit.jsonl"]
     database = settings.database_url
     if database.startswith("sqlite:///"):
         paths.append(Path(database[len("sqlite:///") :]))

@@ -394,6 +394,7 @@ def destinations_add(
         destination = repo.add_destination(
             name, aet, host, port, max_associations=max_associations, max_retries=max_retries
         )
+    _audit_change(context, "destination", "add", name, f"{aet} at {host}:{port}")
     _emit_one(as_json, _destination_row(destination), f"added destination {name}")
 
 
@@ -419,6 +420,7 @@ def destinations_remove(context: Context, name: str, as_json: bool) -> None:
     """Remove a destination (refused while a rule sends to it)."""
     with _repository_errors():
         context.repository().remove_destination(name)
+    _audit_change(context, "destination", "remove", name)
     _emit_one(as_json, {"removed": name}, f"removed destination {name}")
 
 
@@ -519,6 +521,7 @@ def rules_add(
     spec = RuleSpec(name, priority, not disabled, stop, conditions, targets)
     with _repository_errors():
         context.repository().add_rule(spec)
+    _audit_change(context, "rule", "add", name, f"to {', '.join(targets)}")
     _emit_one(as_json, _rule_row(spec), f"added rule {name}")
 
 
@@ -560,6 +563,7 @@ def rules_remove(context: Context, name: str, as_json: bool) -> None:
     """Remove a rule."""
     with _repository_errors():
         context.repository().remove_rule(name)
+    _audit_change(context, "rule", "remove", name)
     _emit_one(as_json, {"removed": name}, f"removed rule {name}")
 
 
@@ -571,6 +575,7 @@ def rules_enable(context: Context, name: str, as_json: bool) -> None:
     """Enable a rule."""
     with _repository_errors():
         context.repository().set_rule_enabled(name, True)
+    _audit_change(context, "rule", "enable", name)
     _emit_one(as_json, {"enabled": name}, f"enabled rule {name}")
 
 
@@ -582,6 +587,7 @@ def rules_disable(context: Context, name: str, as_json: bool) -> None:
     """Disable a rule."""
     with _repository_errors():
         context.repository().set_rule_enabled(name, False)
+    _audit_change(context, "rule", "disable", name)
     _emit_one(as_json, {"disabled": name}, f"disabled rule {name}")
 
 
@@ -684,6 +690,7 @@ def sources_add(context: Context, ae_title: str, addresses: tuple[str, ...], as_
             _fail(f"invalid address or CIDR block {address!r}")
     with _repository_errors():
         context.repository().add_source(ae_title, list(addresses))
+    _audit_change(context, "source", "add", ae_title, ", ".join(addresses) or "any address")
     _emit_one(
         as_json, {"ae_title": ae_title, "addresses": list(addresses)}, f"added source {ae_title}"
     )
@@ -709,6 +716,7 @@ def sources_remove(context: Context, ae_title: str, as_json: bool) -> None:
     """Remove a known source."""
     with _repository_errors():
         context.repository().remove_source(ae_title)
+    _audit_change(context, "source", "remove", ae_title)
     _emit_one(as_json, {"removed": ae_title}, f"removed source {ae_title}")
 
 
@@ -906,6 +914,18 @@ def _job_row(job: Any) -> dict[str, Any]:
 
 
 _JOB_STATES = click.Choice(["pending", "leased", "retry_wait", "done", "dead"])
+# router.audit.EVENTS, spelled out so that `--help` needs no heavy import.
+_AUDIT_EVENTS = (
+    "association-accepted",
+    "association-refused",
+    "authentication-failure",
+    "instance-received",
+    "instance-forwarded",
+    "configuration-changed",
+    "application-start",
+    "application-stop",
+    "audit-log-used",
+)
 
 
 @queue.command("list")
@@ -976,6 +996,8 @@ def queue_retry(
     if job_id is None and destination is None:
         _fail("name a JOB_ID or --destination")
     count = _job_queue(context).retry_dead(job_id, destination)
+    target = f"job {job_id}" if job_id is not None else f"destination {destination}"
+    _audit_change(context, "queue", "retry", target, f"{count} dead job(s) queued again")
     _emit_one(as_json, {"retried": count}, f"{count} job(s) queued again")
 
 
@@ -992,7 +1014,65 @@ def queue_purge(
     if not yes and not click.confirm(f"delete every {state} job?", err=True):
         _fail("nothing deleted")
     count = _job_queue(context).purge(state, destination)
+    target = f"destination {destination}" if destination else "all destinations"
+    _audit_change(context, "queue", "purge", target, f"{count} {state} job(s) deleted")
     _emit_one(as_json, {"purged": count}, f"{count} job(s) deleted")
+
+
+# -- audit ---------------------------------------------------------------------------------------
+@main.group()
+def audit() -> None:
+    """The audit trail (DICOM audit records, PS3.15 A.5)."""
+
+
+@audit.command("show")
+@click.option("--since", help="only records of the last DURATION (90s, 15m, 2h, 7d)")
+@click.option("--event", type=click.Choice(_AUDIT_EVENTS), help="only records of this event")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 1_000_000))
+@json_option
+@pass_context
+def audit_show(
+    context: Context, since: str | None, event: str | None, limit: int, as_json: bool
+) -> None:
+    """The latest audit records, oldest first (--json: the records as written)."""
+    import datetime as dt
+
+    from router.audit import (
+        AuditLog,
+        audit_log_used,
+        audit_path,
+        parse_duration,
+        read_records,
+        summary,
+    )
+
+    try:
+        after = None if since is None else dt.datetime.now(dt.UTC) - parse_duration(since)
+    except ValueError as exc:
+        raise UsageFail(f"--since: {exc}") from None
+    path = audit_path(context.settings.data_dir)
+    records, bad = read_records(path, since=after, event=event, limit=limit)
+    trail = AuditLog.for_settings(context.settings)
+    if trail is not None and path.exists():  # reading the trail is itself audited (A.5.3.2)
+        trail.write(audit_log_used(path))
+        trail.close()
+    if bad:
+        click.echo(f"warning: {bad} line(s) of {path} are not audit records", err=True)
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return
+    columns = ["time", "event", "outcome", "participants", "object", "detail"]
+    _emit(False, [summary(r) for r in records], columns, f"audit records ({path})")
+
+
+def _audit_change(context: Context, kind: str, action: str, name: str, summary: str = "") -> None:
+    """A configuration change, after it was made: one audit record (never a failure)."""
+    from router.audit import AuditLog, configuration_changed
+
+    trail = AuditLog.for_settings(context.settings)
+    if trail is not None:
+        trail.write(configuration_changed(kind, action, name, summary=summary))
+        trail.close()
 
 
 # -- helpers -------------------------------------------------------------------------------------

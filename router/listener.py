@@ -32,6 +32,7 @@ from protocol.status import (
 )
 from protocol.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, is_valid_uid
 from router import failpoints
+from router.audit import AuditLog, instance_received
 from router.db.repository import InstanceResult, NewInstance, Repository
 from router.messages import JobMessage
 from router.metrics import listener_metrics
@@ -95,10 +96,12 @@ class GroupCommitter:
         repository: Repository,
         spool: Spool,
         notify: Callable[[JobMessage], None] | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self._repository = repository
         self._spool = spool
         self._notify = notify
+        self._audit = audit
         self._queue: list[_Pending] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -149,6 +152,29 @@ class GroupCommitter:
                             JobMessage(job, result.instance_id, destination, record.priority)
                         )
                 failpoints.hit("listener.after_zmq_push")  # (nothing pushed without workers)
+            if self._audit is not None:  # after the responses, on the commit thread
+                self._executor.submit(self._audit_batch, batch, results)
+
+    def _audit_batch(self, batch: list[_Pending], results: list[InstanceResult]) -> None:
+        """One audit record per instance acknowledged, the batch in one write."""
+        assert self._audit is not None
+        try:
+            records = [
+                instance_received(
+                    calling_ae=p.record.calling_aet,
+                    called_ae=p.record.called_aet,
+                    peer_host=p.record.peer_address,
+                    study_uid=p.record.study_instance_uid,
+                    sop_class_uid=p.record.sop_class_uid,
+                    sop_instance_uid=p.record.sop_instance_uid,
+                    duplicate=result.duplicate_of is not None,
+                )
+                for p, result in zip(batch, results, strict=True)
+            ]
+        except Exception as exc:  # never the instances' fate: they are acknowledged
+            log.warning("could not build the audit records of %d instances: %s", len(batch), exc)
+            return
+        self._audit.write(*records)
 
     def _commit(self, batch: list[_Pending]) -> list[InstanceResult]:
         # One thread hand-off per batch: fsync and rename every file, fsync their

@@ -22,6 +22,7 @@ from protocol.errors import RejectReason, RejectResult, RejectSource
 from protocol.limits import Limits
 from protocol.net import AssociationInfo, Timeouts, start_server
 from protocol.pdu import AAssociateRJ, AAssociateRQ
+from router.audit import AuditLog, application_activity, association_observer
 from router.db.engine import make_engine
 from router.db.migrate import check_schema
 from router.db.repository import Repository
@@ -143,7 +144,8 @@ async def run_listener(
     spool = Spool(settings.spool_dir, settings.spool)
     rules = RuleCache(repository)
     await loop.run_in_executor(None, rules.load)
-    committer = GroupCommitter(repository, spool, notify=_job_notifier(settings))
+    audit = AuditLog.for_settings(settings)
+    committer = GroupCommitter(repository, spool, notify=_job_notifier(settings), audit=audit)
     committer.start()
     listener = settings.listener
     node = ListenerNode(listener, repository, spool, rules, committer)
@@ -187,6 +189,8 @@ async def run_listener(
         loop.add_signal_handler(signum, stop.set)
     refresher = asyncio.ensure_future(rules.keep_fresh())
     node.metrics.watch(server)
+    if audit is not None:
+        server.on_association_outcome = association_observer(audit, listener.ae_title)
     log.info("listening on %s:%d as %s", listener.bind, server.port, listener.ae_title)
     if on_ready is not None:
         on_ready(server.port)
@@ -200,6 +204,8 @@ async def run_listener(
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         engine.dispose()
+        if audit is not None:
+            audit.close()
 
 
 def serve(settings: Settings) -> None:
@@ -266,6 +272,8 @@ class Supervisor:
         self._stopping = False
         self._status = NodeStatusFile(settings.data_dir)
         self._data_dir = settings.data_dir
+        self._audit = AuditLog.for_settings(settings)
+        self._ae_title = settings.listener.ae_title
 
     def run(self) -> None:
         import multiprocessing
@@ -292,6 +300,8 @@ class Supervisor:
         signal.signal(signal.SIGINT, stop)
         prepare_multiprocess_dir(self._data_dir)  # before any child: they inherit it
         self._status.node_started()
+        if self._audit is not None:
+            self._audit.write(application_activity(started=True, ae_title=self._ae_title))
         for name, target, args in self._specs:
             start(name, target, args)
         due: dict[str, float] = {}  # restart times of children that died
@@ -324,6 +334,9 @@ class Supervisor:
                 child.kill()
                 child.join()
         self._status.node_stopped()
+        if self._audit is not None:
+            self._audit.write(application_activity(started=False, ae_title=self._ae_title))
+            self._audit.close()
 
 
 def _child_setup() -> None:
@@ -490,6 +503,7 @@ async def run_worker(
     workers = settings.workers
     engine = make_engine(settings.database_url)
     check_schema(engine)
+    audit = AuditLog.for_settings(settings)
     worker = Worker(
         JobQueue(engine, max_deliveries=settings.workers.max_deliveries),
         Spool(settings.spool_dir, settings.spool) if local_spool else None,
@@ -506,6 +520,10 @@ async def run_worker(
             base=settings.workers.retry_base,
             cap=settings.workers.retry_cap,
         ),
+        audit=audit,
+        study_uids=Repository(engine).study_uids if audit is not None else None,
     )
     await worker.run(stop or _stop_event())
     engine.dispose()
+    if audit is not None:
+        audit.close()

@@ -96,6 +96,16 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    # Security-relevant events as DICOM audit records (PS3.15 A.5), one JSON object a
+    # line in <data_dir>/audit/audit.jsonl (`dicom-router audit show`).
+    enabled: bool = True
+    # Also send each record to syslog: "udp://HOST:PORT", "tcp://HOST:PORT" or a local
+    # socket such as "/dev/log" ("": no syslog).
+    syslog: str = ""
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path = Path("dicom-router-data")
     db: str = ""  # empty: SQLite in the data directory
@@ -103,6 +113,7 @@ class Settings:
     spool: SpoolSettings = field(default_factory=SpoolSettings)
     workers: WorkerSettings = field(default_factory=WorkerSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
 
     @property
     def database_url(self) -> str:
@@ -136,6 +147,7 @@ _SECTIONS = {
     "spool": SpoolSettings,
     "workers": WorkerSettings,
     "metrics": MetricsSettings,
+    "audit": AuditSettings,
 }
 _CHOICES = {
     ("listener", "accept"): ("any", "known"),
@@ -290,6 +302,13 @@ def _validate(settings: Settings) -> None:
         raise SettingsError("workers.key and workers.allowed_keys go together (CURVE)")
     if bool(listener.tls_cert) != bool(listener.tls_key):
         raise SettingsError("listener.tls_cert and listener.tls_key go together")
+    if settings.audit.syslog:
+        from router.audit import syslog_address
+
+        try:
+            syslog_address(settings.audit.syslog)
+        except ValueError as exc:
+            raise SettingsError(f"audit.syslog: {exc}") from None
 
 
 def render_default_config() -> str:

@@ -24,12 +24,14 @@ import tempfile
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import zmq
 import zmq.asyncio
 
 from protocol.net import Timeouts
+from router.audit import AuditLog, instance_forwarded
 from router.curve import KeyPair
 from router.db.jobs import JobQueue, Lease, Result
 from router.db.models import JobState
@@ -155,6 +157,8 @@ class Worker:
         policy: RetryPolicy | None = None,
         timeouts: Timeouts | None = None,
         heartbeat: float = 2.0,
+        audit: AuditLog | None = None,
+        study_uids: Callable[[Iterable[int]], dict[int, str | None]] | None = None,
     ) -> None:
         self.name = f"worker-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._queue = queue
@@ -178,6 +182,8 @@ class Worker:
         # destination backoff; sent with the next credit).
         self._reached: dict[str, bool] = {}
         self._results_ready = asyncio.Event()
+        self._audit = audit
+        self._study_uids = study_uids
 
     async def run(self, stop: asyncio.Event) -> None:
         context = zmq.asyncio.Context()
@@ -333,6 +339,38 @@ class Worker:
             up = tuple(name for name, ok in reached.items() if ok)
             self._outstanding -= len(batch)
             await self._socket.send(Credit(len(batch), done, down, up).encode())
+            if self._audit is not None:  # after the credit: the next leases come meanwhile
+                await loop.run_in_executor(None, self._audit_results, batch, names)
+
+    def _audit_results(self, batch: list[Result], names: list[str | None]) -> None:
+        """An audit record per job that ended (done or dead) under a lease still held."""
+        assert self._audit is not None
+        recorded = [r for r, name in zip(batch, names, strict=False) if name is not None]
+        ended = [r for r in recorded if r.state in (JobState.DONE, JobState.DEAD)]
+        if not ended:
+            return
+        studies: dict[int, str | None] = {}
+        try:
+            if self._study_uids is not None:
+                studies = self._study_uids(r.lease.instance_id for r in ended)
+        except Exception as exc:  # the records go without their study, not at all
+            log.warning("audit: could not read the studies of %d instances: %s", len(ended), exc)
+        self._audit.write(
+            *(
+                instance_forwarded(
+                    calling_ae=self._calling_ae,
+                    destination=r.lease.destination,
+                    ae_title=r.lease.ae_title,
+                    host=r.lease.host,
+                    study_uid=studies.get(r.lease.instance_id),
+                    sop_class_uid=r.lease.sop_class_uid,
+                    sop_instance_uid=r.lease.sop_instance_uid,
+                    delivered=r.state == JobState.DONE,
+                    description=r.error or "",
+                )
+                for r in ended
+            )
+        )
 
     def _result(
         self,
@@ -357,7 +395,7 @@ class Worker:
             spool_name=message.spool_name,
             transfer_syntax=message.transfer_syntax,
             sop_class_uid=message.sop_class,
-            sop_instance_uid="",
+            sop_instance_uid=message.sop_instance,
             priority=0,
             token=message.token,
             expires_at=started,

@@ -122,7 +122,7 @@ class SCPAssociation(AssociationProtocol):
         else:
             reply = negotiate_as_acceptor(rq, self.server.policy, self.limits)
         if isinstance(reply, AAssociateRJ):
-            self.server.notify("rejected")
+            self.server.notify("rejected", self.info, reply)
             log.warning(
                 "%s: association from %r to %r rejected (result %d, source %d, reason %d)",
                 self.info.peer,
@@ -138,9 +138,9 @@ class SCPAssociation(AssociationProtocol):
         self.conn.accept(reply)
         self._established = True
         self.server.register(self)
-        self.server.notify("accepted")
         self.info.contexts = dict(self.conn.accepted_contexts)
         self.info.peer_max_pdu_length = self.conn.peer_max_pdu_length
+        self.server.notify("accepted", self.info)
         log.info(
             "%s: association accepted from %r (%d contexts)",
             self.info.peer,
@@ -319,6 +319,12 @@ class SCPServer:
         #: Called with "accepted", "rejected" or "closed" (an accepted association
         #: ended) after the counts changed: the embedding's metrics.
         self.on_association: Callable[[str], None] | None = None
+        #: Called with "accepted" or "rejected", the association's info and the
+        #: A-ASSOCIATE-RJ sent (None when accepted) as each request is answered: the
+        #: embedding's audit trail.
+        self.on_association_outcome: (
+            Callable[[str, AssociationInfo, AAssociateRJ | None], None] | None
+        ) = None
         self._server: asyncio.Server | None = None
 
     def has_room(self, calling_ae: str) -> bool:
@@ -326,9 +332,16 @@ class SCPServer:
             return False
         return self._per_calling_ae[calling_ae] < self.limits.max_associations_per_calling_ae
 
-    def notify(self, event: str) -> None:
+    def notify(
+        self,
+        event: str,
+        info: AssociationInfo | None = None,
+        rejection: AAssociateRJ | None = None,
+    ) -> None:
         if self.on_association is not None:
             self.on_association(event)
+        if info is not None and self.on_association_outcome is not None:
+            self.on_association_outcome(event, info, rejection)
 
     def register(self, association: SCPAssociation) -> None:
         self.associations.add(association)

@@ -373,6 +373,19 @@ class Repository:
                 raise NotFound(f"no instance {instance_id}")
             return _instance(row)
 
+    def study_uids(self, instance_ids: Iterable[int]) -> dict[int, str | None]:
+        """Instance id -> Study Instance UID, for the ids that exist (audit records)."""
+        ids = set(instance_ids)
+        if not ids:
+            return {}
+        with self._read() as session:
+            rows = session.execute(
+                select(InstanceRow.id, InstanceRow.study_instance_uid).where(
+                    InstanceRow.id.in_(ids)
+                )
+            )
+            return {instance_id: study for instance_id, study in rows}
+
     def list_instances(self, limit: int = 100) -> list[Instance]:
         """The most recently received instances, newest first."""
         with self._read() as session:

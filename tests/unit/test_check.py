@@ -81,3 +81,13 @@ def test_the_command_after_init_and_strict(tmp_path: Path) -> None:
         "destinations.pacs",
     }
     assert runner.invoke(main, [*data, "check", "--strict"]).exit_code == 1
+
+
+def test_audit_off_is_noted_and_its_file_checked(tmp_path: Path) -> None:
+    from router.check import node_files
+    from router.settings import AuditSettings
+
+    settings = replace(Settings(), audit=AuditSettings(enabled=False), data_dir=tmp_path)
+    found = {f.setting: f.level for f in check_settings(settings)}
+    assert found["audit.enabled"] == "note"
+    assert tmp_path / "audit" / "audit.jsonl" in node_files(settings)

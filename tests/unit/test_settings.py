@@ -59,6 +59,8 @@ def test_rendered_default_config_loads(tmp_path: Path) -> None:
         ("", {"DICOM_ROUTER_SPOOL_FSYNC": "maybe"}, "not a valid bool"),
         ('[listener]\nae_title = "A_TITLE_LONGER_THAN_16"\n', {}, "1-16 characters"),
         ('[listener]\ntls_cert = "x.pem"\n', {}, "go together"),
+        ('[audit]\nsyslog = "logs.example:514"\n', {}, "audit.syslog"),
+        ("", {"DICOM_ROUTER_AUDIT_SYSLOG": "tcp://h:0"}, "audit.syslog"),
     ],
 )
 def test_bad_settings_are_refused_with_the_reason(
@@ -73,3 +75,15 @@ def test_bad_settings_are_refused_with_the_reason(
 def test_missing_config_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="does not exist"):
         load_settings(tmp_path / "absent.toml", environ={})
+
+
+def test_audit_section_defaults_file_and_environment(tmp_path: Path) -> None:
+    assert load_settings(environ={}).audit.enabled is True
+    assert load_settings(environ={}).audit.syslog == ""
+    assert "[audit]" in render_default_config()
+    config = tmp_path / "c.toml"
+    config.write_text('[audit]\nsyslog = "udp://127.0.0.1:514"\n')
+    env = {"DICOM_ROUTER_AUDIT_ENABLED": "false"}
+    settings = load_settings(config, environ=env)
+    assert settings.audit.syslog == "udp://127.0.0.1:514"
+    assert settings.audit.enabled is False
