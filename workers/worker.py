@@ -68,6 +68,7 @@ _UNREACHABLE = frozenset(
 _NOT_ABOUT_REACHING = frozenset({Failure.SPOOL_FILE_MISSING, Failure.INTERNAL_ERROR})
 _FETCH_WINDOW = 4  # chunk requests in flight per file
 _FETCH_TIMEOUT = 30.0  # seconds for one chunk to come back
+_REFUSED_RETRY = 30.0  # seconds before a worker whose key was refused tries again
 
 
 class FetchError(Exception):
@@ -97,7 +98,14 @@ class FetchedFiles:
         future: asyncio.Future[Chunk] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault((spool_name, offset), deque()).append(future)
         assert self.socket is not None
-        await self.socket.send(Fetch(spool_name, token, offset, MAX_CHUNK).encode())
+        try:
+            await asyncio.wait_for(
+                self.socket.send(Fetch(spool_name, token, offset, MAX_CHUNK).encode()),
+                _FETCH_TIMEOUT,
+            )
+        except TimeoutError:
+            self._forget(spool_name, offset, future)
+            raise FetchError("the node does not take requests") from None
         return future
 
     def _forget(self, spool_name: str, offset: int, future: asyncio.Future[Chunk]) -> None:
@@ -185,8 +193,7 @@ class Worker:
         self._audit = audit
         self._study_uids = study_uids
 
-    async def run(self, stop: asyncio.Event) -> None:
-        context = zmq.asyncio.Context()
+    def _connect(self, context: zmq.asyncio.Context) -> None:
         socket = context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 1000)
         if self._curve is not None:
@@ -194,29 +201,70 @@ class Worker:
             socket.curve_serverkey = server_key
             socket.curve_publickey = ours.public
             socket.curve_secretkey = ours.secret
+        # A refused CURVE handshake is final for the connection (ZeroMQ does not try
+        # again): watch for it, to say so and to reconnect later with a new socket.
+        self._monitor = socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         socket.connect(self._endpoint)
         self._socket = socket
         self._fetched.socket = socket
-        await socket.send(self._hello())
+
+    def _disconnect(self) -> None:
+        self._socket.disable_monitor()
+        self._monitor.close()
+        self._socket.close()
+
+    async def _send(self, data: bytes) -> bool:
+        """Send to the dispatcher, or give up after a heartbeat: a DEALER with no peer
+        (the node down, or our key refused) would wait for one forever."""
+        try:
+            await asyncio.wait_for(self._socket.send(data), self._heartbeat)
+            return True
+        except TimeoutError:
+            return False
+
+    async def _refused(self, stop: asyncio.Event, context: zmq.asyncio.Context) -> None:
+        """The node refused our key: say so, wait (it may be allowed meanwhile), retry."""
+        while await self._monitor.poll(0):
+            await self._monitor.recv_multipart()
+        log.error(
+            "%s: %s refused this worker's CURVE key (its .pub is not in the node's allowed"
+            " directory); trying again in %.0f s",
+            self.name,
+            self._endpoint,
+            _REFUSED_RETRY,
+        )
+        self._disconnect()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), _REFUSED_RETRY)
+        self._connect(context)
+        await self._send(self._hello())
+
+    async def run(self, stop: asyncio.Event) -> None:
+        context = zmq.asyncio.Context()
+        self._connect(context)
+        await self._send(self._hello())
         recorder = asyncio.ensure_future(self._record_results())
         last_beat = last_lease = time.monotonic()
         try:
             while not stop.is_set():
-                if await socket.poll(int(self._heartbeat * 500)):
-                    self._accept(await socket.recv())
+                if await self._monitor.poll(0):
+                    await self._refused(stop, context)
+                    continue
+                if await self._socket.poll(int(self._heartbeat * 500)):
+                    self._accept(await self._socket.recv())
                     last_lease = time.monotonic()
                 if self._introduce:
                     self._introduce = False
-                    await socket.send(self._hello())
+                    await self._send(self._hello())
                 now = time.monotonic()
                 if now - last_beat >= self._heartbeat:
                     last_beat = now
                     if now - last_lease > 5 * self._heartbeat and not self._tasks:
                         # Idle with full credit: the dispatcher may have restarted and
                         # forgotten us; introducing ourselves again is harmless.
-                        await socket.send(self._hello())
+                        await self._send(self._hello())
                     else:
-                        await socket.send(Credit(0).encode())
+                        await self._send(Credit(0).encode())
                     for pool in self._pools.values():
                         await pool.close_idle()  # associations unused for a while go
             await self._finish_in_flight()
@@ -224,11 +272,11 @@ class Worker:
             while self._results and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)  # the recorder writes what the last sends produced
             recorder.cancel()
-            await socket.send(Bye().encode())
+            await self._send(Bye().encode())
         finally:
             for pool in self._pools.values():
                 await pool.close()
-            socket.close()
+            self._disconnect()
             context.term()
             await asyncio.get_running_loop().run_in_executor(None, self._queue.release, self.name)
 
@@ -338,7 +386,7 @@ class Worker:
             down = tuple(name for name, ok in reached.items() if not ok)
             up = tuple(name for name, ok in reached.items() if ok)
             self._outstanding -= len(batch)
-            await self._socket.send(Credit(len(batch), done, down, up).encode())
+            await self._send(Credit(len(batch), done, down, up).encode())
             if self._audit is not None:  # after the credit: the next leases come meanwhile
                 await loop.run_in_executor(None, self._audit_results, batch, names)
 

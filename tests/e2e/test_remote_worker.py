@@ -165,7 +165,7 @@ def test_an_unknown_key_gets_no_job_and_an_allowed_worker_survives_a_node_restar
         )  # fmt: skip
         _configure(node, "rules", "add", "all", "--to", "pacs")
         _serve_with_worker_endpoint(node, remote, tmp_path / "serve.log")
-        _start_worker(node, remote, tmp_path, "stranger")
+        stranger, _, stranger_log = _start_worker(node, remote, tmp_path, "stranger")
         first = _study(tmp_path / "first", 5)
         _send(node, tmp_path / "first")
         # The dispatcher sweeps every second and would lease to any worker it knew: a
@@ -173,6 +173,11 @@ def test_an_unknown_key_gets_no_job_and_an_allowed_worker_survives_a_node_restar
         time.sleep(4)
         assert {s for _, s in _jobs(node)} == {"pending"}
         assert "refused a worker" in (tmp_path / "serve.log").read_text()
+        # The refused worker says why, and still stops on SIGTERM (its sends to a node
+        # that refused it do not wait forever).
+        assert _wait_for(lambda: "refused this worker's CURVE key" in stranger_log.read_text(), 30)
+        stranger.send_signal(signal.SIGTERM)
+        assert stranger.wait(30) == 0, stranger_log.read_text()[-2000:]
         _start_worker(node, remote, tmp_path, "remote")
         assert _wait_for(lambda: set(pacs.received()) == set(first), 60)
 
