@@ -295,7 +295,7 @@ class Dispatcher:
                 )
             except OSError:
                 error = "not found"
-        chunk = Chunk(fetch.spool_name, fetch.offset, data, eof, error)
+        chunk = Chunk(fetch.spool_name, fetch.offset, data, eof, error, fetch.token)
         await socket.send_multipart([identity, chunk.encode()], copy=False)
 
     async def _lease_covers(self, token: str, spool_name: str) -> bool:

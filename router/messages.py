@@ -12,7 +12,7 @@ minor revision may add fields; a field added in a minor revision is optional and
 with its default (in brackets below). Revision 1.0: job, hello, credit, lease, bye.
 Revision 1.1: hello ``minor`` and ``"all"``, lease ``sop_instance`` and ``expires``,
 result, heartbeat, fetch, chunk. Revision 1.2: credit ``done``, ``down`` and ``up``,
-who (``MINOR`` = 2).
+chunk ``token``, who (``MINOR`` = 2).
 Times are seconds since the Unix epoch (UTC), a float (an int is read as one), finite
 and not negative.
 
@@ -59,8 +59,9 @@ alone must not open the spool to anyone who can reach the port)::
     fetch      w -> d  {"spool_name": str, "token": str, "offset": uint,
                         "length": 1..MAX_CHUNK}
     chunk      d -> w  {"spool_name": str, "offset": uint, "data": bin (<= MAX_CHUNK bytes),
-                        "eof": bool, "error": str [""]}: error non-empty means no data
-                        ("not found", "not leased")
+                        "eof": bool, "error": str [""], "token": str [""]}: error non-empty
+                        means no data ("not found", "not leased"); token: the fetch's
+                        (1.2), so that two fetches of one file tell their replies apart
 """
 
 from __future__ import annotations
@@ -199,6 +200,7 @@ class Chunk(_Message):
     data: bytes
     eof: bool
     error: str = ""
+    token: str = ""  # 1.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,6 +383,7 @@ _SCHEMAS: dict[str, tuple[type[_Message], dict[str, _Reader | _Optional]]] = {
             "data": _data,
             "eof": _bool,
             "error": _Optional(_str, ""),
+            "token": _Optional(_str, ""),
         },
     ),
     "bye": (Bye, {}),

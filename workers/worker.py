@@ -83,11 +83,13 @@ class FetchedFiles:
 
     def __init__(self, directory: Path | None = None) -> None:
         self._directory = directory
-        self._waiting: dict[tuple[str, int], deque[asyncio.Future[Chunk]]] = {}
+        # By (spool name, token, offset): two fetches of one file (the instance's jobs
+        # for two destinations) must not take each other's replies.
+        self._waiting: dict[tuple[str, str, int], deque[asyncio.Future[Chunk]]] = {}
         self.socket: zmq.asyncio.Socket | None = None
 
     def deliver(self, chunk: Chunk) -> None:
-        waiting = self._waiting.get((chunk.spool_name, chunk.offset))
+        waiting = self._waiting.get((chunk.spool_name, chunk.token, chunk.offset))
         while waiting:
             future = waiting.popleft()
             if not future.done():
@@ -96,7 +98,7 @@ class FetchedFiles:
 
     async def _request(self, spool_name: str, token: str, offset: int) -> asyncio.Future[Chunk]:
         future: asyncio.Future[Chunk] = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault((spool_name, offset), deque()).append(future)
+        self._waiting.setdefault((spool_name, token, offset), deque()).append(future)
         assert self.socket is not None
         try:
             await asyncio.wait_for(
@@ -104,17 +106,20 @@ class FetchedFiles:
                 _FETCH_TIMEOUT,
             )
         except TimeoutError:
-            self._forget(spool_name, offset, future)
+            self._forget(spool_name, token, offset, future)
             raise FetchError("the node does not take requests") from None
         return future
 
-    def _forget(self, spool_name: str, offset: int, future: asyncio.Future[Chunk]) -> None:
-        waiting = self._waiting.get((spool_name, offset))
+    def _forget(
+        self, spool_name: str, token: str, offset: int, future: asyncio.Future[Chunk]
+    ) -> None:
+        key = (spool_name, token, offset)
+        waiting = self._waiting.get(key)
         if waiting is not None:
             with contextlib.suppress(ValueError):
                 waiting.remove(future)
             if not waiting:
-                del self._waiting[(spool_name, offset)]
+                del self._waiting[key]
 
     async def fetch(self, spool_name: str, token: str) -> Path:
         fd, name = tempfile.mkstemp(prefix="fetched-", suffix=".dcm", dir=self._directory)
@@ -122,8 +127,9 @@ class FetchedFiles:
         in_flight: deque[tuple[int, asyncio.Future[Chunk]]] = deque()
         try:
             offset = 0
+            window = 1  # the first request alone: most files are one chunk (and one check)
             while True:
-                while len(in_flight) < _FETCH_WINDOW:
+                while len(in_flight) < window:
                     in_flight.append((offset, await self._request(spool_name, token, offset)))
                     offset += MAX_CHUNK
                 at, future = in_flight.popleft()
@@ -134,19 +140,20 @@ class FetchedFiles:
                         f"no chunk of {spool_name} within {_FETCH_TIMEOUT:.0f} s"
                     ) from None
                 finally:
-                    self._forget(spool_name, at, future)
+                    self._forget(spool_name, token, at, future)
                 if chunk.error:
                     raise FetchError(chunk.error)
                 os.pwrite(fd, chunk.data, at)
                 if chunk.eof:  # every earlier chunk is written: they came in order
                     break
+                window = _FETCH_WINDOW
             return path
         except BaseException:
             path.unlink(missing_ok=True)
             raise
         finally:
             for at, future in in_flight:
-                self._forget(spool_name, at, future)
+                self._forget(spool_name, token, at, future)
             os.close(fd)
 
 

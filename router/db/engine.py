@@ -45,6 +45,9 @@ BUSY_TIMEOUT_MS = 10_000
 WRITE_OPTION = "dicom_router_write"
 
 
+IDLE_IN_TRANSACTION_MS = 10_000  # no transaction of ours idles this long between statements
+
+
 def sqlite_pragmas(*, foreign_keys: bool = True, durable: bool = True) -> tuple[str, ...]:
     """The statements run on every new SQLite connection (``durable``: see make_engine)."""
     return (
@@ -172,6 +175,15 @@ def _configure_postgresql(engine: Engine) -> None:
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute("SET synchronous_commit TO on")
+            # A worker host that vanishes mid-transaction must not hold its row locks
+            # until TCP gives up (hours): the server ends such a session, and notices a
+            # dead peer within about half a minute (the jobs' SKIP LOCKED lease would
+            # skip the locked job meanwhile, and it would stay leased).
+            cursor.execute(f"SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_MS}")
+            cursor.execute("SET tcp_keepalives_idle = 10")
+            cursor.execute("SET tcp_keepalives_interval = 5")
+            cursor.execute("SET tcp_keepalives_count = 3")
+            cursor.execute("SET tcp_user_timeout = 30000")
         finally:
             cursor.close()
             dbapi_connection.autocommit = autocommit

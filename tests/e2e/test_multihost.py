@@ -15,9 +15,9 @@ on the modality host, and at the destinations DCMTK storescp or the scripted SCP
 Sizes: 40 to 200 instances a case (the whole module takes about a minute and a half on
 two shared cores); the figures printed (throughput with one and two worker hosts, time
 for a lost host's jobs to finish elsewhere) are reported, not asserted (DESIGN §8). Two
-cases are xfail (strict), product bugs whose causes their marks name: a host cut off
-inside a database transaction keeps its job locked, and the dispatcher checks a lease
-four times per fetched file.
+cases are regression tests of bugs this module found: a host cut off inside a database
+transaction kept its job locked (now the server ends such sessions), and the dispatcher
+checked a lease four times per fetched file (now the first chunk is asked for alone).
 
 Needs root (ip netns, runuser for PostgreSQL): skipped without, failed with CI=true.
 """
@@ -504,16 +504,6 @@ def test_a_worker_host_cut_off_mid_run_gives_back_its_jobs_and_the_other_finishe
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a worker host lost inside a database transaction keeps that transaction, and "
-    "its row locks, open on the PostgreSQL server until TCP notices the client is gone "
-    "(hours: keepalive defaults): router/db/engine.py _configure_postgresql sets no "
-    "idle_in_transaction_session_timeout and no tcp_keepalives_*/tcp_user_timeout for the "
-    "sessions, so the job whose result it was writing stays locked, the dispatcher's "
-    "FOR UPDATE SKIP LOCKED lease (router/db/jobs.py _chosen) skips it, and it stays "
-    "'leased' after its lease has expired",
-)
 def test_a_worker_host_cut_off_inside_a_transaction_gives_back_its_jobs(site: Site) -> None:
     """As above, but the cable goes while host 1 is writing a result (a transaction that
     has updated a job row is open on the server). Every job must still be done within
@@ -639,15 +629,6 @@ def _lease_checks(site: Site, jobs: int) -> str:
     return f"; the dispatcher checked a lease {checks / jobs:.1f} times per job"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="workers/worker.py FetchedFiles.fetch asks for _FETCH_WINDOW (4) chunks of every "
-    "file at once, even of one smaller than a chunk, and the dispatcher "
-    "(router/dispatcher.py _serve_fetch -> _lease_covers) checks each request's lease in "
-    "the database before its 5 s cache holds the first answer: 4 lease checks and 4 chunk "
-    "replies per file where 1 would do; past-the-end requests checked after the job is "
-    "done are refused and logged as 'refused a fetch ... without its lease'",
-)
 def test_a_fetched_file_costs_the_dispatcher_one_lease_check(site: Site) -> None:
     """The node's dispatcher is one process serving every worker host; each file a remote
     worker fetches should cost it one lease check in the database (the check is cached

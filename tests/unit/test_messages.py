@@ -227,6 +227,7 @@ ABSENT: dict[tuple[str, str], object] = {
     ("lease", "sop_instance"): "",
     ("lease", "expires"): 0.0,
     ("chunk", "error"): "",
+    ("chunk", "token"): "",
     ("credit", "done"): None,
     ("credit", "down"): None,
     ("credit", "up"): None,
