@@ -84,8 +84,10 @@ def _every_kind() -> list[AuditRecord]:
     ]
 
 
-@pytest.mark.parametrize("record", _every_kind(), ids=lambda r: r.event)
-def test_every_record_has_the_parts_of_an_a5_audit_message(record: AuditRecord) -> None:
+@pytest.mark.parametrize("kind", [r.event for r in _every_kind()])
+def test_every_record_has_the_parts_of_an_a5_audit_message(kind: str) -> None:
+    # Built here, not at collection: the record's time is checked against now.
+    (record,) = [r for r in _every_kind() if r.event == kind]
     data = json.loads(record.to_json())
     assert data["event"] in audit.EVENTS
     event = data["EventIdentification"]
