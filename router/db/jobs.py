@@ -308,7 +308,7 @@ _DUE_OF_DESTINATION = union_all(
         for part in _DUE_PARTS
     )
 )
-_DESTINATION_NAMES = select(_D.id, _D.name)
+_DESTINATION_NAMES = select(_D.id, _D.name, _D.max_associations)
 
 
 @cache
@@ -555,9 +555,12 @@ class JobQueue:
             params["excluded"] = list(exclude_destinations)
         leases: list[Lease] = []
         seen: set[int] = set()  # candidates of this call: leased, dead-lettered or skipped
-        left: dict[str, int] = {}  # room left per destination name, once known
         with self._write() as connection:
-            targets = self._targets(connection, destinations, exclude_destinations)
+            found = self._targets(connection, destinations, exclude_destinations)
+            # Room left per destination name; a destination with none is not read at all.
+            left = {name: room(name, n) for name, n in found.values()} if room else {}
+            names = {id_: name for id_, (name, _) in found.items()}
+            targets = [id_ for id_, name in names.items() if left.get(name, 1) > 0]
             chosen_query = _chosen(connection.dialect.name == "postgresql")
             while len(leases) < limit and targets:
                 wanted = limit - len(leases)
@@ -581,9 +584,7 @@ class JobQueue:
                     if reason is not None:
                         dead.append({"b_id": row.id, "b_reason": reason, "b_now": now})
                         continue
-                    if room is not None:
-                        if row.name not in left:
-                            left[row.name] = room(row.name, row.max_associations)
+                    if row.name in left:
                         if left[row.name] <= 0:
                             continue  # stays due; seen, so not read again in this call
                         left[row.name] -= 1
@@ -604,29 +605,23 @@ class JobQueue:
                     connection.execute(_LEASE, chosen)
                 if len(order) < wanted:
                     break  # everything due was looked at
-                if left and any(n <= 0 for n in left.values()):
-                    full = {n for n, r in left.items() if r <= 0}
-                    targets = [t for t in targets if self._name_of(connection, t) not in full]
+                targets = [id_ for id_ in targets if left.get(names[id_], 1) > 0]
         return leases
-
-    @staticmethod
-    def _name_of(connection: Connection, destination_id: int) -> str:
-        return str(connection.execute(select(_D.name).where(_D.id == destination_id)).scalar())
 
     @staticmethod
     def _targets(
         connection: Connection,
         destinations: Collection[str] | None,
         excluded: Collection[str],
-    ) -> list[int]:
-        """The ids of the destinations to lease for."""
+    ) -> dict[int, tuple[str, int]]:
+        """The destinations to lease for: id -> (name, max_associations)."""
         wanted = None if destinations is None else set(destinations)
         left_out = set(excluded)
-        return [
-            id_
-            for id_, name in connection.execute(_DESTINATION_NAMES)
+        return {
+            id_: (name, associations)
+            for id_, name, associations in connection.execute(_DESTINATION_NAMES)
             if (wanted is None or name in wanted) and name not in left_out
-        ]
+        }
 
     @staticmethod
     def _due(

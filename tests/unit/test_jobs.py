@@ -680,3 +680,21 @@ def lease_in_two_processes(url: str, expected: list[int]) -> list[list[int]]:
 def test_two_processes_never_lease_the_same_job(url: str, repo: Repository) -> None:
     expected = [job for n in range(200) for job in add(repo, n, "pacs")]
     lease_in_two_processes(url, expected)
+
+
+def test_room_caps_each_destination_and_what_is_left_stays_due(
+    repo: Repository, queue: JobQueue
+) -> None:
+    for n in range(6):
+        add(repo, n, "pacs", "ai")
+    asked: dict[str, int] = {}
+
+    def room(name: str, associations: int) -> int:
+        asked[name] = associations
+        return {"pacs": 2, "ai": 0}[name]  # ai: backing off
+
+    leases = queue.lease("w", None, 10, 30, room=room)
+    assert [lease.destination for lease in leases] == ["pacs", "pacs"]
+    assert asked == {"pacs": 2, "ai": 4}  # asked once each, with max_associations
+    rest = queue.lease("w2", None, 10, 30)
+    assert sorted(lease.destination for lease in rest) == ["ai"] * 6 + ["pacs"] * 4
