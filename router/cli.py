@@ -280,11 +280,14 @@ def worker(
     credit: int | None,
 ) -> None:
     """Run one forwarding worker against a node's dispatcher (for other hosts)."""
-    from router.curve import CurveKeyError, load_pair, load_public
+    from router.curve import CurveKeyError, check_tcp_endpoint, load_pair, load_public
     from router.node import run_worker
 
-    if not connect.startswith(("tcp://", "ipc://")):
-        raise UsageFail(f"--connect {connect!r}: expected tcp://HOST:PORT")
+    if not connect.startswith("ipc://"):
+        try:
+            check_tcp_endpoint(connect)
+        except ValueError as exc:
+            raise UsageFail(f"--connect {exc}") from None
     if bool(server_key) != bool(key):
         raise UsageFail("--server-key and --key go together (ZeroMQ CURVE)")
     overrides: dict[str, Any] = {"data_dir": str(context.settings.data_dir)}

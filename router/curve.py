@@ -147,6 +147,20 @@ class ZapHandler(threading.Thread):
         return [b"1.0", request_id, b"400", b"not allowed", b"", b""]
 
 
+def check_tcp_endpoint(endpoint: str, *, bind: bool = False) -> None:
+    """``tcp://HOST:PORT`` (``*`` as HOST and port 0 only to bind), or ValueError saying
+    what is wrong: ZeroMQ's own error names neither the option nor the form."""
+    parts = urlsplit(endpoint)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme != "tcp" or not parts.hostname or port is None or parts.path:
+        raise ValueError(f"{endpoint!r} is not tcp://HOST:PORT")
+    if not (0 if bind else 1) <= port <= 65535:
+        raise ValueError(f"{endpoint!r}: port {port} is out of range")
+
+
 def is_loopback_endpoint(endpoint: str) -> bool:
     """``tcp://127.0.0.1:7000`` and ``ipc://…`` stay on this host; anything else may not."""
     parts = urlsplit(endpoint)

@@ -296,8 +296,13 @@ def _validate(settings: Settings) -> None:
     if settings.spool.retention_seconds < 0:
         raise SettingsError("spool.retention_seconds must not be negative")
     workers = settings.workers
-    if workers.bind and not workers.bind.startswith("tcp://"):
-        raise SettingsError(f"workers.bind {workers.bind!r} must be a tcp://ADDRESS:PORT")
+    if workers.bind:
+        from router.curve import check_tcp_endpoint
+
+        try:
+            check_tcp_endpoint(workers.bind, bind=True)
+        except ValueError as exc:
+            raise SettingsError(f"workers.bind: {exc}") from None
     if bool(workers.key) != bool(workers.allowed_keys):
         raise SettingsError("workers.key and workers.allowed_keys go together (CURVE)")
     if bool(listener.tls_cert) != bool(listener.tls_key):

@@ -22,6 +22,7 @@ from sqlalchemy import Engine
 from router.curve import (
     CurveKeyError,
     KeyPair,
+    check_tcp_endpoint,
     generate,
     is_loopback_endpoint,
     load_pair,
@@ -274,3 +275,44 @@ def test_serve_refuses_an_open_worker_endpoint_without_curve_or_insecure(tmp_pat
         settings(bind="tcp://0.0.0.0:7000", key=str(key), allowed_keys=str(tmp_path / "no"))
     )
     assert problem is not None and "not a directory" in problem
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "bind", "ok"),
+    [
+        ("tcp://node.example:7000", False, True),
+        ("tcp://10.0.0.1:7000", False, True),
+        ("tcp://*:7000", True, True),
+        ("tcp://0.0.0.0:0", True, True),
+        ("tcp://10.0.0.1:0", False, False),
+        ("tcp://127.0.0.1:notaport", False, False),
+        ("tcp://nohost", False, False),
+        ("tcp://:7000", False, False),
+        ("tcp://h:70000", False, False),
+        ("tcp://h:7000/x", False, False),
+        ("http://h:7000", False, False),
+    ],
+)
+def test_worker_endpoints_are_checked_before_zeromq_sees_them(
+    endpoint: str, bind: bool, ok: bool
+) -> None:
+    if ok:
+        check_tcp_endpoint(endpoint, bind=bind)
+    else:
+        with pytest.raises(ValueError, match=r"tcp://HOST:PORT|out of range"):
+            check_tcp_endpoint(endpoint, bind=bind)
+
+
+def test_a_bad_worker_endpoint_is_one_line_from_the_cli_and_the_settings(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from router.cli import main
+    from router.settings import SettingsError, load_settings
+
+    result = CliRunner().invoke(
+        main, ["--data-dir", str(tmp_path), "worker", "--connect", "tcp://127.0.0.1:x"]
+    )
+    assert result.exit_code == 2
+    assert "--connect 'tcp://127.0.0.1:x' is not tcp://HOST:PORT" in result.output
+    with pytest.raises(SettingsError, match=r"workers\.bind"):
+        load_settings(None, environ={"DICOM_ROUTER_WORKERS_BIND": "tcp://h:x"})
