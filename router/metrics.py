@@ -17,6 +17,7 @@ Metric names start with ``dicom_router_``.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import shutil
@@ -71,6 +72,13 @@ class ListenerMetrics:
             "Associations open now",
             multiprocess_mode="livesum",
         )
+        # Sampled at each association event: a leaked task (a case of the catalogue's
+        # global invariant) shows as a count that does not come back after the peer left.
+        self.tasks = Gauge(
+            "dicom_router_listener_asyncio_tasks",
+            "asyncio tasks of this listener process at its latest association event",
+            multiprocess_mode="liveall",
+        )
 
     def stored(self, size: int, seconds: float) -> None:
         self.instances.labels("success").inc()
@@ -87,6 +95,7 @@ class ListenerMetrics:
             if event != "closed":
                 self.associations.labels(event).inc()
             self.active.set(len(server.associations))
+            self.tasks.set(len(asyncio.all_tasks()))
 
         server.on_association = on_association
 
