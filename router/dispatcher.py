@@ -34,6 +34,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from router import failpoints
 from router.backoff import DestinationHealth
 from router.curve import KeyPair, ZapHandler
 from router.db.jobs import JobQueue, Lease
@@ -357,10 +358,14 @@ class Dispatcher:
             except Exception as exc:  # the database may be briefly unavailable
                 log.warning("dispatcher: leasing failed: %s", exc)
                 return True
+            if leases:
+                failpoints.hit("dispatcher.after_lease_commit")
             for lease in leases:
                 await worker.socket.send_multipart([identity, lease_message(lease).encode()])
                 if worker.held is not None:
                     worker.held[lease.destination] += 1
+            if leases:
+                failpoints.hit("dispatcher.after_lease_sent")  # handed to ZeroMQ
             more = more or len(leases) == worker.credit
             worker.credit -= len(leases)
         return more

@@ -265,6 +265,10 @@ class IngestSink:
             self._node.metrics.refused()
         else:
             self._node.metrics.stored(self._size, time.perf_counter() - started)
+            if failpoints.armed("listener.after_rsp_sent"):
+                # The server writes the response as soon as this returns, in the same
+                # step of its task: the next turn of the loop comes after that write.
+                asyncio.get_running_loop().call_soon(failpoints.hit, "listener.after_rsp_sent")
         return outcome
 
     async def _finish(self) -> StoreOutcome:

@@ -22,8 +22,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from protocol.dimse import CStoreRSP
 from protocol.errors import NoAcceptableContext
 from protocol.net import Association, ContextRequest, Timeouts, associate
+from router import failpoints
 from workers.retry import Outcome, from_exception
 
 log = logging.getLogger(__name__)
@@ -89,11 +91,23 @@ class DestinationPool:
         self._seen.setdefault(pair, None)
         try:
             association = await self._association_for(slot, pair)
-            response = await association.send_c_store_file(item.path)
+            if failpoints.armed("worker.mid_send"):
+                response = await self._send_then_fail(association, item)
+            else:
+                response = await association.send_c_store_file(item.path)
         except Exception as exc:
             await self._drop(slot)
             return from_exception(exc)
         return Outcome(status=response.status, detail=response.error_comment or "")
+
+    @staticmethod
+    async def _send_then_fail(association: Association, item: Item) -> CStoreRSP:
+        """The failpoint ``worker.mid_send``: one turn of the loop lets the send write
+        its request (it then waits for the response), and the process dies there."""
+        sending = asyncio.ensure_future(association.send_c_store_file(item.path))
+        await asyncio.sleep(0)
+        failpoints.hit("worker.mid_send")
+        return await sending
 
     async def _association_for(self, slot: _Slot, pair: tuple[str, str]) -> Association:
         association = slot.association

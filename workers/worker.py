@@ -31,6 +31,7 @@ import zmq
 import zmq.asyncio
 
 from protocol.net import Timeouts
+from router import failpoints
 from router.audit import AuditLog, instance_forwarded
 from router.curve import KeyPair
 from router.db.jobs import JobQueue, Lease, Result
@@ -298,6 +299,7 @@ class Worker:
             log.warning("%s: dropped a bad message: %s", self.name, exc)
             return
         if isinstance(message, LeaseMessage):
+            failpoints.hit("worker.after_claim")
             self._outstanding += 1
             task = asyncio.ensure_future(self._deliver(message))
             self._tasks.add(task)
@@ -350,6 +352,8 @@ class Worker:
         if judged and outcome.failure not in _NOT_ABOUT_REACHING:
             self._reached[message.destination] = outcome.failure not in _UNREACHABLE
         verdict, reason = classify(outcome)
+        if verdict in (Verdict.DONE, Verdict.DONE_WITH_WARNING):
+            failpoints.hit("worker.after_dest_success")
         policy = RetryPolicy(
             max_attempts=max(1, message.max_retries),
             max_deliveries=self._policy.max_deliveries,
@@ -385,6 +389,8 @@ class Worker:
             except Exception as exc:  # the database is the record: the leases will expire
                 log.warning("could not record %d results: %s", len(batch), exc)
                 names = []
+            else:
+                failpoints.hit("worker.after_attempt_commit")
             for name in names:
                 if name and self._spool is not None:
                     self._spool.remove(name)  # every job of that instance is done

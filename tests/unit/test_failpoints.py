@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from router.failpoints import _parse
 
@@ -31,3 +32,28 @@ def test_an_armed_place_kills_on_its_nth_arrival() -> None:
     )
     assert result.returncode == -signal.SIGKILL
     assert result.stdout.split() == ["0", "1", "2"]
+
+
+def test_with_a_once_directory_each_place_fires_for_one_process_only(tmp_path: Path) -> None:
+    code = (
+        "from router import failpoints\n"
+        "print(failpoints.armed('here'), failpoints.armed('nowhere'), flush=True)\n"
+        "failpoints.hit('here')\n"
+        "print('passed', flush=True)\n"
+    )
+    env = {
+        **os.environ,
+        "DICOM_ROUTER_FAILPOINT": "here",
+        "DICOM_ROUTER_FAILPOINT_ONCE": str(tmp_path),
+    }
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+        )
+        for _ in range(2)
+    ]
+    assert runs[0].returncode == -signal.SIGKILL
+    assert runs[0].stdout.split() == ["True", "False"]
+    assert (tmp_path / "here").exists()  # the mark the first process left
+    assert runs[1].returncode == 0, runs[1].stderr
+    assert runs[1].stdout.split() == ["False", "False", "passed"]
