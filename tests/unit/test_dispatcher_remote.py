@@ -28,9 +28,8 @@ from router.curve import (
     load_pair,
     load_public,
 )
-from router.db.engine import make_engine, sqlite_url_for
+from router.db.engine import make_engine
 from router.db.jobs import JobQueue
-from router.db.migrate import upgrade
 from router.db.repository import NewInstance, Repository
 from router.dispatcher import Dispatcher, Endpoint
 from router.messages import MAX_CHUNK, Chunk, Fetch, Hello, LeaseMessage, decode
@@ -43,10 +42,8 @@ SPOOL_NAME = "ab/" + "c" * 32 + ".dcm"
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    url = sqlite_url_for(tmp_path)
-    upgrade(url)
-    engine = make_engine(url)
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = make_engine(db_url)  # SQLite and PostgreSQL (tests/conftest.py)
     repo = Repository(engine)
     repo.add_destination("pacs", "PACS", "127.0.0.1", 104)
     repo.record_instances(

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from router.db.engine import make_engine, sqlite_url_for
+from router.db.engine import make_engine
 from router.db.jobs import JobQueue
-from router.db.migrate import upgrade
 from router.db.repository import NewInstance, Repository
 from router.janitor import SpoolJanitor
 from router.spool import Spool
@@ -31,10 +30,8 @@ class Clock:
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    url = sqlite_url_for(tmp_path)
-    upgrade(url)
-    engine = make_engine(url)
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = make_engine(db_url)  # SQLite and PostgreSQL (tests/conftest.py)
     yield engine
     engine.dispose()
 
@@ -91,7 +88,7 @@ def receive(repo: Repository, spool: Spool, n: int, *destinations: str) -> str:
 def forward(queue: JobQueue, *, dead: bool = False) -> None:
     for lease in queue.lease("w", None, 100, 60):
         if dead:
-            queue.dead_letter(lease.job_id, lease.token, 0xC000, "refused", NOW, 5)
+            queue.dead_letter(lease.job_id, lease.token, "refused", 0xC000, NOW, 5)
         else:
             queue.complete(lease.job_id, lease.token, 0, False, NOW, 5)
 

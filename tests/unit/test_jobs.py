@@ -1,19 +1,19 @@
-"""JobQueue (router/db/jobs.py) on a migrated SQLite file, time injected through the clock:
-every state transition, ordering, leases and their tokens, the caps, spool clean-up,
-the operators' commands, queue status figures, and two leasing processes."""
+"""JobQueue (router/db/jobs.py) on a migrated database (SQLite and PostgreSQL), time
+injected through the clock: every state transition, ordering, leases and their tokens,
+the caps, spool clean-up, the operators' commands, queue status figures, and two leasing
+processes (and two finishing at once)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import multiprocessing
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, text
 
-from router.db.engine import make_engine, sqlite_url_for
+from router.db.engine import make_engine
 from router.db.jobs import (
     MAX_DELIVERIES,
     OUTCOME_DEAD,
@@ -44,10 +44,9 @@ class Clock:
 
 
 @pytest.fixture
-def url(tmp_path: Path) -> str:
-    url = sqlite_url_for(tmp_path)
-    upgrade(url)
-    return url
+def url(db_url: str) -> str:
+    """A migrated database of its own: SQLite and PostgreSQL (tests/conftest.py)."""
+    return db_url
 
 
 @pytest.fixture
@@ -616,8 +615,8 @@ def test_status_summary_of_an_empty_queue(queue: JobQueue) -> None:
 
 
 # -- the schema change --------------------------------------------------------------------
-def test_a_lease_held_across_the_upgrade_still_holds(tmp_path: Path) -> None:
-    url = sqlite_url_for(tmp_path)
+def test_a_lease_held_across_the_upgrade_still_holds(empty_db_url: str) -> None:
+    url = empty_db_url
     upgrade(url, revision="0001")
     engine = make_engine(url)
     try:
@@ -679,7 +678,46 @@ def lease_in_two_processes(url: str, expected: list[int]) -> list[list[int]]:
 
 def test_two_processes_never_lease_the_same_job(url: str, repo: Repository) -> None:
     expected = [job for n in range(200) for job in add(repo, n, "pacs")]
-    lease_in_two_processes(url, expected)
+    got = lease_in_two_processes(url, expected)
+    assert all(got)  # neither waited for the other to finish (SKIP LOCKED on PostgreSQL)
+
+
+def _completer(url: str, leases: list[Lease], out: Any, start: Any) -> None:
+    engine = make_engine(url)
+    queue = JobQueue(engine)
+    started = dt.datetime.now(dt.UTC)
+    results = [Result(lease, JobState.DONE, "done", started, 1, 0) for lease in leases]
+    start.wait(30)
+    out.put([name for name in queue.finish_many(results) if name])  # one transaction
+    engine.dispose()
+
+
+def test_the_last_two_jobs_of_instances_finished_at_once(
+    url: str, repo: Repository, engine: Engine
+) -> None:
+    """Two workers record, each in one transaction at the same moment, one of the two
+    jobs of every instance: each instance is done, its spool file reported once. (Were
+    the instance rows not locked on PostgreSQL, each transaction would see the other's
+    jobs still leased, and no instance would be done.)"""
+    for n in range(150):
+        add(repo, n, "pacs", "ai")
+    queue = JobQueue(engine)
+    batches = [queue.lease(f"w-{name}", [name], 1000, 300) for name in ("pacs", "ai")]
+    context = multiprocessing.get_context("fork")
+    out, start = context.Queue(), context.Event()
+    workers = [
+        context.Process(target=_completer, args=(url, batch, out, start)) for batch in batches
+    ]
+    for worker in workers:
+        worker.start()
+    start.set()
+    reported = [name for _ in workers for name in out.get(timeout=120)]
+    for worker in workers:
+        worker.join(30)
+    assert [worker.exitcode for worker in workers] == [0, 0]
+    assert sorted(reported) == sorted(spool(n) for n in range(150))
+    assert repo.instance_counts() == {"done": 150}
+    assert len(queue.removable_spool_files(limit=1000)) == 150
 
 
 def test_room_caps_each_destination_and_what_is_left_stays_due(

@@ -1,4 +1,6 @@
-"""The schema: Alembic migrations from the package, the start-up check, SQLite settings."""
+"""The schema: Alembic migrations from the package (the upgrade path, downgrade and the
+models' agreement on SQLite and PostgreSQL), the start-up check, SQLite settings and
+backups."""
 
 from __future__ import annotations
 
@@ -42,8 +44,21 @@ TABLES = {
 
 
 @pytest.fixture
-def url(tmp_path: Path) -> str:
+def url(empty_db_url: str) -> str:
+    """A database with no schema yet: SQLite and PostgreSQL (tests/conftest.py)."""
+    return empty_db_url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
     return sqlite_url_for(tmp_path)
+
+
+@pytest.fixture
+def sqlite_engine(sqlite_url: str) -> Iterator[Engine]:
+    engine = make_engine(sqlite_url)
+    yield engine
+    engine.dispose()
 
 
 @pytest.fixture
@@ -136,24 +151,24 @@ def test_check_schema_on_a_current_database(url: str, engine: Engine) -> None:
     check_schema(engine)
 
 
-def test_upgrade_backs_up_an_existing_sqlite_file(url: str, engine: Engine) -> None:
+def test_upgrade_backs_up_an_existing_sqlite_file(sqlite_url: str, sqlite_engine: Engine) -> None:
     # A database behind the head, holding data that is still only in the -wal file: the
     # engine's pooled connection stays open, so nothing has checkpointed it yet.
-    upgrade(url)
-    command.downgrade(alembic_config(url), "base")
-    with engine.begin() as connection:
+    upgrade(sqlite_url)
+    command.downgrade(alembic_config(sqlite_url), "base")
+    with sqlite_engine.begin() as connection:
         connection.execute(text("CREATE TABLE keepsake (v TEXT)"))
         connection.execute(text("INSERT INTO keepsake VALUES ('precious')"))
-    path = sqlite_path(url)
+    path = sqlite_path(sqlite_url)
     assert path is not None
     assert Path(f"{path}-wal").stat().st_size > 0
 
-    backup = upgrade(url)
+    backup = upgrade(sqlite_url)
 
     assert backup is not None
     assert backup.parent == path.parent
     assert backup.name.startswith("router.sqlite.bak-") and backup.name.endswith("Z")
-    assert current_revision(engine) == head_revision()
+    assert current_revision(sqlite_engine) == head_revision()
     copy = sqlite3.connect(backup)
     try:
         assert copy.execute("SELECT v FROM keepsake").fetchall() == [("precious",)]
@@ -164,10 +179,10 @@ def test_upgrade_backs_up_an_existing_sqlite_file(url: str, engine: Engine) -> N
         copy.close()
 
 
-def test_upgrade_without_backup(url: str, engine: Engine, tmp_path: Path) -> None:
-    upgrade(url)
-    command.downgrade(alembic_config(url), "base")
-    assert upgrade(url, backup=False) is None
+def test_upgrade_without_backup(sqlite_url: str, sqlite_engine: Engine, tmp_path: Path) -> None:
+    upgrade(sqlite_url)
+    command.downgrade(alembic_config(sqlite_url), "base")
+    assert upgrade(sqlite_url, backup=False) is None
     assert not list(tmp_path.glob("*.bak-*"))
 
 
@@ -181,9 +196,11 @@ def test_two_backups_in_the_same_second_do_not_collide(tmp_path: Path) -> None:
     assert second.name == "router.sqlite.bak-20260102T030405Z-1"
 
 
-def test_sqlite_connections_use_wal_and_synchronous_full(url: str, engine: Engine) -> None:
-    upgrade(url)
-    with engine.connect() as connection:
+def test_sqlite_connections_use_wal_and_synchronous_full(
+    sqlite_url: str, sqlite_engine: Engine
+) -> None:
+    upgrade(sqlite_url)
+    with sqlite_engine.connect() as connection:
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
         assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1

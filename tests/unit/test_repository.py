@@ -1,5 +1,6 @@
-"""Repository: every method on a migrated SQLite file, its typed errors, the duplicate rule
-(DESIGN §3.1), one transaction per batch, and concurrent writers in separate processes."""
+"""Repository: every method on a migrated database (SQLite and PostgreSQL), its typed
+errors, the duplicate rule (DESIGN §3.1), one transaction per batch, and concurrent
+writers in separate processes."""
 
 from __future__ import annotations
 
@@ -7,14 +8,12 @@ import dataclasses
 import datetime as dt
 import multiprocessing
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, text
 
-from router.db.engine import make_engine, sqlite_url_for
-from router.db.migrate import upgrade
+from router.db.engine import make_engine
 from router.db.models import InstanceState
 from router.db.repository import (
     AlreadyExists,
@@ -41,10 +40,9 @@ class Clock:
 
 
 @pytest.fixture
-def url(tmp_path: Path) -> str:
-    url = sqlite_url_for(tmp_path)
-    upgrade(url)
-    return url
+def url(db_url: str) -> str:
+    """A migrated database of its own: SQLite and PostgreSQL (tests/conftest.py)."""
+    return db_url
 
 
 @pytest.fixture
