@@ -367,6 +367,10 @@ def _destination_row(d: Any) -> dict[str, Any]:
         "port": d.port,
         "max_associations": d.max_associations,
         "max_retries": d.max_retries,
+        "tls": d.tls is not None,
+        "tls_ca": d.tls.ca if d.tls else None,
+        "tls_cert": d.tls.cert if d.tls else None,
+        "tls_key": d.tls.key if d.tls else None,
     }
 
 
@@ -377,6 +381,10 @@ def _destination_row(d: Any) -> dict[str, Any]:
 @click.option("--port", required=True, type=click.IntRange(1, 65535))
 @click.option("--max-associations", default=2, show_default=True, type=click.IntRange(1, 64))
 @click.option("--max-retries", default=10, show_default=True, type=click.IntRange(0, 1000))
+@click.option("--tls", is_flag=True, help="forward over TLS (PS3.15 B.1); never in clear")
+@click.option("--tls-ca", help="PEM CA file the destination's certificate must chain to")
+@click.option("--tls-cert", help="PEM client certificate, if the destination asks for one")
+@click.option("--tls-key", help="PEM key of --tls-cert")
 @json_option
 @pass_context
 def destinations_add(
@@ -387,18 +395,50 @@ def destinations_add(
     port: int,
     max_associations: int,
     max_retries: int,
+    tls: bool,
+    tls_ca: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
     as_json: bool,
 ) -> None:
-    """Add a destination."""
+    """Add a destination. With --tls its certificate is verified against --tls-ca (or
+    the system's CAs) and must name --host (a DNS name or IP address SAN)."""
     _check_name(name, "destination")
     _check_ae_title(aet)
+    options = _tls_options(tls, tls_ca, tls_cert, tls_key)
     repo = context.repository()
     with _repository_errors():
         destination = repo.add_destination(
-            name, aet, host, port, max_associations=max_associations, max_retries=max_retries
+            name,
+            aet,
+            host,
+            port,
+            max_associations=max_associations,
+            max_retries=max_retries,
+            tls=options,
         )
-    _audit_change(context, "destination", "add", name, f"{aet} at {host}:{port}")
+    summary = f"{aet} at {host}:{port}" + (" over TLS" if options else "")
+    _audit_change(context, "destination", "add", name, summary)
     _emit_one(as_json, _destination_row(destination), f"added destination {name}")
+
+
+def _tls_options(tls: bool, ca: str | None, cert: str | None, key: str | None) -> Any:
+    """Check the TLS flags (DESIGN §7 shape) and that the files can be used now."""
+    from router.db.repository import TlsOptions
+    from router.tls import TlsConfigError, client_context
+
+    if not tls:
+        if ca or cert or key:
+            raise UsageFail("--tls-ca, --tls-cert and --tls-key need --tls")
+        return None
+    if bool(cert) != bool(key):
+        raise UsageFail("--tls-cert and --tls-key go together")
+    paths = [str(Path(p).resolve()) if p else None for p in (ca, cert, key)]
+    try:
+        client_context(*paths)
+    except TlsConfigError as exc:
+        _fail(str(exc))
+    return TlsOptions(*paths)
 
 
 @destinations.command("list")
@@ -410,7 +450,7 @@ def destinations_list(context: Context, as_json: bool) -> None:
     _emit(
         as_json,
         rows,
-        ["name", "ae_title", "host", "port", "max_associations", "max_retries"],
+        ["name", "ae_title", "host", "port", "max_associations", "max_retries", "tls"],
         "destinations",
     )
 
@@ -440,9 +480,15 @@ def destinations_echo(
     from protocol.errors import ProtocolError
     from protocol.net import ContextRequest, Timeouts, associate
     from protocol.uids import EXPLICIT_VR_LE, IMPLICIT_VR_LE, VERIFICATION
+    from router.tls import TlsConfigError
+    from workers.sender import tls_context
 
     with _repository_errors():
         destination = context.repository().get_destination(name)
+    try:
+        tls = tls_context(destination.tls)  # the worker's context: same checks
+    except TlsConfigError as exc:
+        _fail(f"C-ECHO to {name}: {exc}")
 
     async def echo() -> tuple[int, float]:
         started = time.perf_counter()
@@ -453,6 +499,8 @@ def destinations_echo(
             called_ae=destination.ae_title,
             calling_ae=calling_aet or context.settings.listener.ae_title,
             timeouts=Timeouts(connect=timeout, acse=timeout, dimse=timeout),
+            ssl=tls,
+            server_hostname=destination.host if tls else None,
         )
         try:
             status = await assoc.send_c_echo()

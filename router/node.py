@@ -118,15 +118,14 @@ def _address_in(host: str, allowed: tuple[str, ...]) -> bool:
 
 
 def listener_tls(settings: ListenerSettings) -> ssl.SSLContext | None:
+    """The listener's TLS context (router/tls.py: the BCP 195 RFC 8996 profile)."""
     if not settings.tls_cert:
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(settings.tls_cert, settings.tls_key)
-    if settings.tls_ca:
-        context.load_verify_locations(settings.tls_ca)
-    if settings.tls_require_client_cert:
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
+    from router.tls import server_context
+
+    return server_context(
+        settings.tls_cert, settings.tls_key, settings.tls_ca, settings.tls_require_client_cert
+    )
 
 
 async def run_listener(
@@ -485,6 +484,18 @@ def _worker_process(settings: Settings) -> None:
     asyncio.run(run_worker(settings, settings.dispatcher_endpoint))
 
 
+def destination_tls(repository: Repository) -> Callable[[str], Any]:
+    """A destination's TLS options by name, from the database. The worker reads them
+    there (local and remote workers alike have the database) rather than from the lease:
+    certificate paths stay out of messages, and a lease from a dispatcher of an older
+    revision cannot make a worker send in clear to a destination set to TLS."""
+
+    def tls_for(name: str) -> Any:
+        return repository.get_destination(name).tls
+
+    return tls_for
+
+
 async def run_worker(
     settings: Settings,
     endpoint: str,
@@ -522,6 +533,7 @@ async def run_worker(
         ),
         audit=audit,
         study_uids=Repository(engine).study_uids if audit is not None else None,
+        tls_for=destination_tls(Repository(engine)),
     )
     await worker.run(stop or _stop_event())
     engine.dispose()

@@ -26,6 +26,8 @@ from protocol.dimse import CStoreRSP
 from protocol.errors import NoAcceptableContext
 from protocol.net import Association, ContextRequest, Timeouts, associate
 from router import failpoints
+from router.db.repository import TlsOptions
+from router.tls import client_context
 from workers.retry import Outcome, from_exception
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,16 @@ class Destination:
     host: str
     port: int
     max_associations: int = 2
+    tls: TlsOptions | None = None  # None: clear text
+
+
+def tls_context(tls: TlsOptions | None) -> ssl.SSLContext | None:
+    """The client context for a destination's TLS options (``TlsConfigError`` when its
+    files cannot be used); the server certificate is verified, and its name against the
+    destination's host (router/tls.py)."""
+    if tls is None:
+        return None
+    return client_context(tls.ca, tls.cert, tls.key)
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,7 @@ from router.audit import AuditLog, instance_forwarded
 from router.curve import KeyPair
 from router.db.jobs import JobQueue, Lease, Result
 from router.db.models import JobState
+from router.db.repository import TlsOptions
 from router.messages import (
     MAX_CHUNK,
     Bye,
@@ -49,8 +50,9 @@ from router.messages import (
     decode,
 )
 from router.spool import Spool
+from router.tls import TlsConfigError
 from workers.retry import Failure, Outcome, RetryPolicy, Verdict, classify
-from workers.sender import Destination, DestinationPool, Item
+from workers.sender import Destination, DestinationPool, Item, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +72,16 @@ _NOT_ABOUT_REACHING = frozenset({Failure.SPOOL_FILE_MISSING, Failure.INTERNAL_ER
 _FETCH_WINDOW = 4  # chunk requests in flight per file
 _FETCH_TIMEOUT = 30.0  # seconds for one chunk to come back
 _REFUSED_RETRY = 30.0  # seconds before a worker whose key was refused tries again
+_TLS_FRESH = 10.0  # seconds a destination's TLS options are used before reading them again
 
 
 class FetchError(Exception):
     """The node did not hand over a spool file (its reason: "not found", "not leased",
     or no answer in time)."""
+
+
+class DestinationLookupError(Exception):
+    """A destination's TLS settings could not be read (the attempt is retried)."""
 
 
 class FetchedFiles:
@@ -175,6 +182,7 @@ class Worker:
         heartbeat: float = 2.0,
         audit: AuditLog | None = None,
         study_uids: Callable[[Iterable[int]], dict[int, str | None]] | None = None,
+        tls_for: Callable[[str], TlsOptions | None] | None = None,
     ) -> None:
         self.name = f"worker-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._queue = queue
@@ -200,6 +208,9 @@ class Worker:
         self._results_ready = asyncio.Event()
         self._audit = audit
         self._study_uids = study_uids
+        # A destination's TLS options by name (the database's), None: no TLS anywhere.
+        self._tls_for = tls_for
+        self._tls_cache: dict[str, tuple[float, TlsOptions | None]] = {}
 
     def _connect(self, context: zmq.asyncio.Context) -> None:
         socket = context.socket(zmq.DEALER)
@@ -313,15 +324,40 @@ class Worker:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace)
 
-    def _pool(self, lease: LeaseMessage) -> DestinationPool:
+    async def _pool(self, lease: LeaseMessage) -> DestinationPool:
+        """The destination's pool, with its TLS settings read from the database (at most
+        every ``_TLS_FRESH`` seconds): a lease names the destination, not its files."""
+        tls = await self._tls_options(lease.destination)
         pool = self._pools.get(lease.destination)
         target = Destination(
-            lease.destination, lease.ae_title, lease.host, lease.port, lease.max_associations
+            lease.destination,
+            lease.ae_title,
+            lease.host,
+            lease.port,
+            lease.max_associations,
+            tls=tls,
         )
         if pool is None or pool.destination != target:
-            pool = DestinationPool(target, self._calling_ae, self._timeouts)
+            if pool is not None:
+                await pool.close()
+            pool = DestinationPool(target, self._calling_ae, self._timeouts, tls=tls_context(tls))
             self._pools[lease.destination] = pool
         return pool
+
+    async def _tls_options(self, destination: str) -> TlsOptions | None:
+        if self._tls_for is None:
+            return None
+        now = time.monotonic()
+        cached = self._tls_cache.get(destination)
+        if cached is not None and now - cached[0] < _TLS_FRESH:
+            return cached[1]
+        loop = asyncio.get_running_loop()
+        try:
+            tls = await loop.run_in_executor(None, self._tls_for, destination)
+        except Exception as exc:  # the database is briefly away: retry, never send in clear
+            raise DestinationLookupError(f"reading destination {destination!r}: {exc}") from exc
+        self._tls_cache[destination] = (now, tls)
+        return tls
 
     async def _deliver(self, message: LeaseMessage) -> None:
         started = dt.datetime.now(dt.UTC)
@@ -333,9 +369,14 @@ class Worker:
                 path = self._spool.path_for(message.spool_name)
             else:
                 path = fetched = await self._fetched.fetch(message.spool_name, message.token)
-            outcome = await self._pool(message).send(
-                Item(path, message.sop_class, message.transfer_syntax)
-            )
+            pool = await self._pool(message)
+            outcome = await pool.send(Item(path, message.sop_class, message.transfer_syntax))
+        except TlsConfigError as exc:  # never a clear-text fallback (SEC-15)
+            judged = False
+            outcome = Outcome(failure=Failure.TLS_NOT_VERIFIED, detail=str(exc))
+        except DestinationLookupError as exc:
+            judged = False
+            outcome = Outcome(failure=Failure.INTERNAL_ERROR, detail=str(exc))
         except ValueError as exc:  # a spool name that is not ours: never touch the disk
             outcome = Outcome(failure=Failure.SPOOL_FILE_MISSING, detail=str(exc))
         except FetchError as exc:

@@ -87,6 +87,10 @@ def test_destinations_add_list_remove(initialised: Run) -> None:
         "port": 104,
         "max_associations": 2,
         "max_retries": 10,
+        "tls": False,
+        "tls_ca": None,
+        "tls_cert": None,
+        "tls_key": None,
     }
     assert [d["name"] for d in _json(run("destinations", "list", "--json"))] == ["pacs"]  # type: ignore[index, union-attr]
     assert "pacs" in run("destinations", "list").stdout

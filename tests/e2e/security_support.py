@@ -1,0 +1,330 @@
+"""Shared pieces of the security e2e tests: certificates made by openssl, a node with
+workers and optional listener TLS / user identity, TLS storescp destinations."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import sqlite3
+import ssl
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import pytest
+from ingest_support import HOST, free_port, require_dcmtk
+
+from protocol.net import ContextRequest, Timeouts, associate
+from protocol.uids import IMPLICIT_VR_LE, VERIFICATION
+
+CLI_TIMEOUT = 60.0
+
+_CA_CONFIG = """[ca]
+default_ca = test
+[test]
+dir = {dir}
+database = {dir}/index.txt
+new_certs_dir = {dir}
+serial = {dir}/serial
+default_md = sha256
+policy = any
+copy_extensions = copy
+unique_subject = no
+[any]
+commonName = supplied
+"""
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _key_and_csr(d: Path, name: str) -> None:
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        f"/CN={name}",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+        cwd=d,
+    )
+
+
+def _ca(d: Path, name: str) -> None:
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name}",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.crt",
+        cwd=d,
+    )
+
+
+def _sign(d: Path, name: str, ca: str, san: str = "IP:127.0.0.1,DNS:localhost") -> None:
+    _key_and_csr(d, name)
+    (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        f"{ca}.crt",
+        "-CAkey",
+        f"{ca}.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        f"{name}.ext",
+        "-out",
+        f"{name}.crt",
+        cwd=d,
+    )
+
+
+def make_pki(d: Path) -> dict[str, Path]:
+    """ca.crt; server/client signed by it (SAN 127.0.0.1, localhost); rogue-ca and a
+    server and client signed by that CA (untrusted); wrong-host: a server certificate
+    of our CA for another name; expired: a client certificate of our CA valid in 2020."""
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is required (scripts/test.sh installs it)")
+    d.mkdir(parents=True, exist_ok=True)
+    _ca(d, "ca")
+    _ca(d, "rogue-ca")
+    _sign(d, "server", "ca")
+    _sign(d, "client", "ca")
+    _sign(d, "rogue-server", "rogue-ca")
+    _sign(d, "rogue-client", "rogue-ca")
+    _sign(d, "wrong-host", "ca", san="DNS:elsewhere.invalid")
+    _key_and_csr(d, "expired")
+    (d / "index.txt").write_text("")
+    (d / "serial").write_text("01\n")
+    (d / "ca.cnf").write_text(_CA_CONFIG.format(dir=d))
+    _openssl(
+        "ca",
+        "-batch",
+        "-config",
+        "ca.cnf",
+        "-cert",
+        "ca.crt",
+        "-keyfile",
+        "ca.key",
+        "-startdate",
+        "20200101000000Z",
+        "-enddate",
+        "20200102000000Z",
+        "-in",
+        "expired.csr",
+        "-out",
+        "expired.crt",
+        "-notext",
+        cwd=d,
+    )
+    return {p.name.replace(".", "_").replace("-", "_"): p for p in d.iterdir()}
+
+
+def dicom_router(*args: str) -> list[str]:
+    import sys
+
+    script = Path(sys.executable).parent / "dicom-router"
+    return [str(script), *args]
+
+
+class SecureNode:
+    """A node with forwarding workers; ``serve_args`` add listener options (TLS)."""
+
+    def __init__(self, root: Path, env: Mapping[str, str] | None = None) -> None:
+        self.root = root
+        self.data = root / "data"
+        self.log_path = root / "serve.log"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_ROUTER_")}
+        self.env.update(
+            {
+                "DICOM_ROUTER_DATA_DIR": str(self.data),
+                "DICOM_ROUTER_WORKERS_RETRY_BASE": "0.2",
+                "DICOM_ROUTER_WORKERS_RETRY_CAP": "0.5",
+                **(env or {}),
+            }
+        )
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        root.mkdir(parents=True, exist_ok=True)
+        self.cli("init")
+
+    def cli(
+        self, *args: str, check: bool = True, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            dicom_router(*args),
+            env=self.env,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT,
+            stdin=None if stdin is not None else subprocess.DEVNULL,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"dicom-router {' '.join(args)}: {result.stderr}{result.stdout}")
+        return result
+
+    def serve(self, *serve_args: str, tls: ssl.SSLContext | None = None, workers: int = 1) -> None:
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                dicom_router(
+                    "-v",
+                    "serve",
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    HOST,
+                    "--workers",
+                    str(workers),
+                    *serve_args,
+                ),
+                env=self.env,
+                stdout=out,
+                stderr=out,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        marker = f"listening on {HOST}:{self.port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log()
+            if marker in self.log():
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"serve did not come up: {self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def query(self, sql: str, *params: object) -> list[tuple[object, ...]]:
+        with contextlib.closing(sqlite3.connect(self.data / "router.sqlite", timeout=30)) as db:
+            return db.execute(sql, params).fetchall()
+
+    def jobs(self) -> list[tuple[str, str, str | None]]:
+        return [
+            (str(n), str(s), e if e is None else str(e))
+            for n, s, e in self.query(
+                "select d.name, j.state, j.last_error from jobs j"
+                " join destinations d on d.id = j.destination_id"
+            )
+        ]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+class TlsStorescp:
+    """DCMTK storescp with +tls KEY CERT, trusting ``ca``; ``peer`` is -rc/-vc/-ic."""
+
+    def __init__(self, root: Path, key: Path, cert: Path, ca: Path, peer: str = "-vc") -> None:
+        self.port = free_port()
+        self.out = root / f"storescp-{self.port}"
+        self.out.mkdir(parents=True)
+        self.log = root / f"storescp-{self.port}.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    require_dcmtk("storescp"),
+                    "-aet",
+                    "PACS",
+                    "-od",
+                    str(self.out),
+                    "+tls",
+                    str(key),
+                    str(cert),
+                    "+cf",
+                    str(ca),
+                    peer,
+                    str(self.port),
+                ],
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        wait_listening(self.port)
+
+    def received(self) -> list[Path]:
+        return [p for p in self.out.iterdir() if p.is_file()]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+def wait_listening(port: int, timeout: float = 20.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), 0.5):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {HOST}:{port}")
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return predicate()
+
+
+def echo(port: int, tls: ssl.SSLContext | None = None, **kwargs: object) -> int:
+    """A C-ECHO with our own SCU (raises what associate raises)."""
+
+    async def run() -> int:
+        assoc = await associate(
+            HOST,
+            port,
+            [ContextRequest(VERIFICATION, (IMPLICIT_VR_LE,))],
+            called_ae="ROUTER",
+            calling_ae="ECHOER",
+            timeouts=Timeouts(connect=10, acse=10, dimse=10),
+            ssl=tls,
+            server_hostname=HOST if tls else None,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        try:
+            return await assoc.send_c_echo()
+        finally:
+            await assoc.release()
+
+    return asyncio.run(run())
