@@ -122,23 +122,46 @@ class GroupCommitter:
         """Make ``temp`` durable and record it; returns the instance id, or raises what
         the commit raised (the caller then discards the file)."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(record, temp, future))
+        pending = _Pending(record, temp, future)
+        self._queue.append(pending)
         self._wakeup.set()
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # The association ended before its response (aborted, closed, a request out of
+            # turn: catalogue SM-14). From here the committer owns the file: not taken yet,
+            # it goes now; taken, the batch drops or commits it (``_take``), so that no
+            # other hand unlinks a file a commit in flight is renaming.
+            if pending in self._queue:
+                self._queue.remove(pending)
+                self._spool.discard(temp)
+            raise
+
+    def _take(self) -> list[_Pending]:
+        """The next batch, without instances whose association already went away (their
+        files go); one cancelled later, in the commit, is committed but never
+        acknowledged: the peer sends it again (at-least-once, DESIGN §3.1)."""
+        batch, self._queue = self._queue, []
+        for pending in batch:
+            if pending.future.cancelled():
+                self._spool.discard(pending.temp)
+        return [pending for pending in batch if not pending.future.cancelled()]
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            batch, self._queue = self._queue, []
+            batch = self._take()
             if not batch:
                 continue
             try:
                 results = await loop.run_in_executor(self._executor, self._commit, batch)
             except Exception as exc:
                 for pending in batch:
-                    if not pending.future.done():
+                    if pending.future.cancelled():  # nobody left to discard it
+                        self._spool.discard(pending.temp)
+                    elif not pending.future.done():
                         pending.future.set_exception(exc)
                 continue
             for pending, result in zip(batch, results, strict=True):
@@ -218,6 +241,7 @@ class IngestSink:
         self._digest = hashlib.sha256()
         self._size = 0
         self._error: str | None = None
+        self._submitted = False
         meta = build_file_meta(
             request.affected_sop_class_uid,
             request.affected_sop_instance_uid,
@@ -253,7 +277,8 @@ class IngestSink:
         try:
             outcome = await self._finish()
         except asyncio.CancelledError:
-            self.discard()
+            if not self._submitted:  # submitted, the committer owns the file
+                self.discard()
             raise
         except Exception as exc:  # disk or database: refuse, keep nothing (DESIGN §3.1)
             log.warning("%s: storing failed: %s", self._info.peer, exc)
@@ -318,6 +343,7 @@ class IngestSink:
             # PS3.7 C.4.1.1: 0 medium, 1 high, 2 low; anything else is stored as medium.
             priority=request.priority if request.priority in (0, 1, 2) else 0,
         )
+        self._submitted = True
         await self._node.committer.submit(record, self._temp)
         return StoreOutcome(SUCCESS)
 

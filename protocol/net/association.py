@@ -84,6 +84,8 @@ class AssociationProtocol(asyncio.Protocol):
     """Base of the SCP and SCU association drivers."""
 
     role: Role
+    #: Indications still delivered when the same read also ended in an abort.
+    kept_before_abort: tuple[type, ...] = ()
 
     def __init__(self, limits: Limits, timeouts: Timeouts) -> None:
         self.limits = limits
@@ -122,6 +124,13 @@ class AssociationProtocol(asyncio.Protocol):
         if log.isEnabledFor(logging.DEBUG):
             for event in events:
                 log.debug("%s: received %s", self.info.peer, describe_event(event))
+        if any(isinstance(event, Aborted) for event in events):
+            # One read can hold PDUs and, after them, the abort they led to (an A-RELEASE-RQ
+            # then P-DATA, catalogue SM-06). The association is gone: indications before the
+            # abort would answer in Sta13 or commit an instance that can never be
+            # acknowledged. An abort may lose data in transit (PS3.8 7.3.1).
+            kept = (Aborted, Closed, *self.kept_before_abort)
+            events = [event for event in events if isinstance(event, kept)]
         for event in events:
             self._dispatch(event)
         self._sync_pdu_deadline()
@@ -226,6 +235,8 @@ class AssociationProtocol(asyncio.Protocol):
             self.transport.close()
 
     def _on_pdata(self, event: PDataReceived) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return  # aborted by an earlier PDU of the same read: one violation, one line
         try:
             for pdv in event.pdu.pdvs:
                 for item in self.assembler.feed(pdv):

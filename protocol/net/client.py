@@ -20,6 +20,7 @@ from protocol.connection import (
     AssociateAccepted,
     AssociateRejected,
     AssociateRequested,
+    PDataReceived,
     ReleaseRequested,
     Role,
 )
@@ -66,6 +67,9 @@ class ContextRequest:
 
 class _SCUProtocol(AssociationProtocol):
     role = Role.REQUESTOR
+    # A destination that aborts right after its last C-STORE-RSP did store the instance:
+    # the response still counts (sending nothing back, the requestor cannot misbehave).
+    kept_before_abort = (PDataReceived,)
 
     def __init__(self, rq: AAssociateRQ, limits: Limits, timeouts: Timeouts) -> None:
         self._rq = rq

@@ -189,6 +189,14 @@ class SCPAssociation(AssociationProtocol):
         context = self.info.contexts.get(event.context_id)
         if context is None:  # pragma: no cover - the connection checks PDV context ids
             raise DIMSEError(f"command on unknown context {event.context_id}")
+        if self._request is not None:
+            # Catalogue SM-14: we negotiate no Asynchronous Operations Window (PS3.7
+            # D.3.3.3: one outstanding operation), so a request before the last one's
+            # response is a violation (ABORT-U), never a second data set in flight.
+            raise DIMSEError(
+                f"{type(message).__name__} while message {self._request.message_id} "
+                "is outstanding (no asynchronous operations window)"
+            )
         if isinstance(message, CStoreRQ):
             self._begin_store(event, message, context)
         elif isinstance(message, CEchoRQ):
