@@ -32,67 +32,12 @@ from interop_support import (
     sop_instance_uid,
 )
 
-ABORT_1 = bytes.fromhex("07 00 00 00 00 04 00 00 00 00")
-
-
-def abort_8(reason: int) -> bytes:
-    return bytes.fromhex("07 00 00 00 00 04 00 00 02") + bytes([reason])
-
+# The frames of catalogue B.0, built by hand in one place (the catalogue harness).
+from tests.e2e.catalogue.harness import ABORT_1, C_ECHO_PDATA, abort_8, associate_rq
 
 #: ARTIM for these servers: after our A-ABORT the storescp waits at most this long for
 #: the peer to close (Sta13) before closing itself.
 ARTIM = 1
-
-
-# --------------------------------------------------------------------------------------
-# frames (catalogue B.0)
-# --------------------------------------------------------------------------------------
-def _item(item_type: int, body: bytes) -> bytes:
-    return bytes([item_type, 0]) + len(body).to_bytes(2, "big") + body
-
-
-def associate_rq(
-    called: str = "ROUTER",
-    calling: str = "MODALITY",
-    abstract_syntax: str = "1.2.840.10008.1.1",
-    transfer_syntax: str = "1.2.840.10008.1.2",
-    max_pdu: int = 16384,
-) -> bytes:
-    """The minimal A-ASSOCIATE-RQ of catalogue B.0 (191 bytes with the defaults)."""
-    context = _item(
-        0x20,
-        b"\x01\x00\x00\x00"
-        + _item(0x30, abstract_syntax.encode())
-        + _item(0x40, transfer_syntax.encode()),
-    )
-    user_info = _item(
-        0x50,
-        _item(0x51, max_pdu.to_bytes(4, "big")) + _item(0x52, b"1.2.826.0.1.3680043.9.9999"),
-    )
-    body = (
-        b"\x00\x01\x00\x00"
-        + called.encode().ljust(16)
-        + calling.encode().ljust(16)
-        + bytes(32)
-        + _item(0x10, b"1.2.840.10008.3.1.1.1")
-        + context
-        + user_info
-    )
-    return b"\x01\x00" + len(body).to_bytes(4, "big") + body
-
-
-#: P-DATA-TF carrying a C-ECHO-RQ on context 1 (catalogue B.0, 80 bytes).
-C_ECHO_PDATA = (
-    bytes.fromhex(
-        "04 00 00 00 00 4a 00 00 00 46 01 03"
-        "00 00 00 00 04 00 00 00 38 00 00 00"
-        "00 00 02 00 12 00 00 00"
-    )
-    + b"1.2.840.10008.1.1\x00"
-    + bytes.fromhex(
-        "00 00 00 01 02 00 00 00 30 0000 00 10 01 02 00 00 00 01 0000 00 00 08 02 00 00 00 01 01"
-    )
-)
 
 
 def test_b0_reference_frames_have_the_catalogue_lengths():
