@@ -324,8 +324,6 @@ class IngestSink:
                 "%s: instance matched no rule; refused (unrouted_policy = reject)", self._info.peer
             )
             return StoreOutcome(PROCESSING_FAILURE, "no routing rule matched")
-        if not destinations:
-            log.warning("%s: instance matched no rule; kept as unrouted", self._info.peer)
         study = values.get(STUDY_INSTANCE_UID, ())
         record = NewInstance(
             sop_instance_uid=request.affected_sop_instance_uid,
@@ -345,6 +343,8 @@ class IngestSink:
         )
         self._submitted = True
         await self._node.committer.submit(record, self._temp)
+        if not destinations:  # after the commit: an instance never kept is not "kept"
+            log.warning("%s: instance matched no rule; kept as unrouted", self._info.peer)
         return StoreOutcome(SUCCESS)
 
 
