@@ -826,9 +826,13 @@ def queue_status(context: Context, window: float, as_json: bool) -> None:
     throughput."""
     from datetime import timedelta
 
+    from router.liveness import read_view, view_path
+
     summary = _job_queue(context).status_summary(window=timedelta(minutes=window))
     instances = context.repository().instance_counts()
     rows = [_status_row(d) for d in summary.destinations]
+    now = time.time()
+    workers = [_worker_row(w, now) for w in read_view(view_path(context.settings.data_dir), now)]
     oldest = summary.oldest_pending_age
     seconds = None if oldest is None else round(oldest.total_seconds(), 1)
     if as_json:
@@ -839,6 +843,7 @@ def queue_status(context: Context, window: float, as_json: bool) -> None:
             "attempts": summary.attempts,
             "completed_per_minute": round(summary.completed_per_minute, 1),
             "instances": instances,
+            "workers": workers,
         }
         click.echo(json.dumps(report, indent=2))
         return
@@ -848,9 +853,28 @@ def queue_status(context: Context, window: float, as_json: bool) -> None:
     click.echo(f"forwarded per minute: {summary.completed_per_minute:.1f}")
     if instances.get("unrouted"):
         click.echo(f"unrouted instances (matched no rule, kept): {instances['unrouted']}")
+    if workers:
+        _emit(
+            False,
+            workers,
+            ["worker", "host", "last_heard_s", "credit", "destinations"],
+            "workers (as the dispatcher sees them)",
+        )
+    else:
+        click.echo("workers: none connected (or the node is not running)")
 
 
 _STATES = ("pending", "leased", "retry_wait", "done", "dead")
+
+
+def _worker_row(worker: Any, now: float) -> dict[str, Any]:
+    return {
+        "worker": worker.name,
+        "host": worker.host,
+        "last_heard_s": round(worker.silent_for(now), 1),
+        "credit": worker.credit,
+        "destinations": "all" if worker.destinations is None else ",".join(worker.destinations),
+    }
 
 
 def _status_row(d: Any) -> dict[str, Any]:

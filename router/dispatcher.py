@@ -38,6 +38,7 @@ from router import failpoints
 from router.backoff import DestinationHealth
 from router.curve import KeyPair, ZapHandler
 from router.db.jobs import JobQueue, Lease
+from router.liveness import WorkerSeen, remove_view, write_view
 from router.messages import (
     MAX_CHUNK,
     Bye,
@@ -78,6 +79,7 @@ class _Worker:
     socket: zmq.asyncio.Socket
     # Leases held per destination, for a worker that says which it gives back (1.2).
     held: Counter[str] | None = None
+    host: str = "local"  # the connection's peer address (tcp://), for liveness
 
 
 def lease_message(lease: Lease) -> LeaseMessage:
@@ -116,6 +118,7 @@ class Dispatcher:
         coalesce: float = 0.1,
         pipeline: int = 4,
         health: DestinationHealth | None = None,
+        liveness: Path | None = None,
     ) -> None:
         if isinstance(endpoints, str | Endpoint):
             endpoints = [endpoints]
@@ -138,6 +141,8 @@ class Dispatcher:
         self._tick = tick
         self._worker_timeout = worker_timeout
         self._workers: dict[tuple[int, bytes], _Worker] = {}
+        self._liveness = liveness  # where queue status and the metrics read workers
+        self._published = 0.0
         self._covered: dict[tuple[str, str], float] = {}
         self._fetches: set[asyncio.Task[Any]] = set()
         self.ports: list[int] = []  # of the tcp:// endpoints, once bound (port 0: any)
@@ -197,12 +202,14 @@ class Dispatcher:
                 ready_sockets = dict(await poller.poll(int(min(self._tick, self._coalesce) * 1000)))
                 for index, socket in enumerate(sockets):
                     while socket in ready_sockets and await socket.poll(0):
-                        identity, data = await socket.recv_multipart()
-                        self._handle(index, socket, identity, data)
+                        identity, frame = await socket.recv_multipart(copy=False)
+                        peer = _peer(self._endpoints[index], frame)
+                        self._handle(index, socket, identity.bytes, frame.bytes, peer)
                 while notices is not None and notices in ready_sockets and await notices.poll(0):
                     await notices.recv()  # a listener committed new jobs
                     self._work = True
                 self._forget_silent()
+                self._publish_liveness()
                 # Lease when told of new jobs or given credit, and otherwise once per
                 # sweep interval (retries coming due, expired leases): each lease is a
                 # write transaction, which the listeners' commits would queue behind.
@@ -225,9 +232,18 @@ class Dispatcher:
                 notices.close()
             if auth is not None:
                 auth.stop()
+            if self._liveness is not None:
+                remove_view(self._liveness)
             base.term()
 
-    def _handle(self, index: int, socket: zmq.asyncio.Socket, identity: bytes, data: bytes) -> None:
+    def _handle(
+        self,
+        index: int,
+        socket: zmq.asyncio.Socket,
+        identity: bytes,
+        data: bytes,
+        peer: str = "local",
+    ) -> None:
         try:
             message = decode(data)
         except MessageError as exc:
@@ -239,7 +255,7 @@ class Dispatcher:
             known = self._workers.get(key)
             held: Counter[str] | None = Counter() if message.minor >= 2 else None
             self._workers[key] = _Worker(
-                message.worker, message.destinations, message.credit, now, socket, held
+                message.worker, message.destinations, message.credit, now, socket, held, peer
             )
             self._work = True
             if known is None or known.name != message.worker:
@@ -316,6 +332,22 @@ class Dispatcher:
             self._covered[key] = now + _COVER_CACHE_SECONDS
         return covered
 
+    def _publish_liveness(self) -> None:
+        """About once a second, the workers heard from (router/liveness.py)."""
+        now = time.monotonic()
+        if self._liveness is None or now - self._published < 1.0:
+            return
+        self._published = now
+        wall = time.time()
+        seen = [
+            WorkerSeen(w.name, w.host, w.destinations, w.credit, wall - (now - w.last_seen))
+            for w in self._workers.values()
+        ]
+        try:
+            write_view(self._liveness, seen, wall)
+        except OSError as exc:
+            log.warning("dispatcher: could not write the workers' liveness: %s", exc)
+
     def _forget_silent(self) -> None:
         limit = time.monotonic() - self._worker_timeout
         for key, worker in list(self._workers.items()):
@@ -369,6 +401,17 @@ class Dispatcher:
             more = more or len(leases) == worker.credit
             worker.credit -= len(leases)
         return more
+
+
+def _peer(endpoint: Endpoint, frame: zmq.Frame) -> str:
+    """The peer address ZeroMQ gives a message of a tcp:// connection; "local" else."""
+    if not endpoint.url.startswith("tcp://"):
+        return "local"
+    try:
+        address = frame.get("Peer-Address")
+    except (zmq.ZMQError, KeyError):
+        return "local"
+    return str(address) if address else "local"
 
 
 def _read_chunk(path: Path, offset: int, length: int) -> tuple[bytes, bool]:

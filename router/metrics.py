@@ -11,6 +11,9 @@ Two sources, one endpoint:
 - Gauges read from the database at each scrape (``DatabaseCollector``): jobs by state and
   destination, the oldest job still to do, attempts by outcome. They come from the same
   ``JobQueue.status_summary`` as ``dicom-router queue status``, so both always agree.
+- Worker liveness as the dispatcher sees it (``WorkerCollector``, from the view file of
+  router/liveness.py that ``queue status`` reads too): workers connected, and per worker
+  and host the seconds since the dispatcher last heard from it and its free credit.
 
 Metric names start with ``dicom_router_``.
 """
@@ -150,9 +153,50 @@ class DatabaseCollector:
         yield attempts
 
 
-def serve_metrics(queue: Any, bind: str, port: int) -> Any:
+class WorkerCollector:
+    """Worker liveness read at scrape time from the dispatcher's view file."""
+
+    def __init__(self, view: Path) -> None:
+        self._view = view
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        import time
+
+        from prometheus_client.core import GaugeMetricFamily
+
+        from router.liveness import read_view
+
+        now = time.time()
+        workers = read_view(self._view, now)
+        yield GaugeMetricFamily(
+            "dicom_router_workers_connected",
+            "Workers the dispatcher heard from within its worker timeout",
+            value=len(workers),
+        )
+        silent = GaugeMetricFamily(
+            "dicom_router_worker_last_heard_seconds",
+            "Seconds since the dispatcher last heard from the worker (heartbeats included)",
+            labels=["worker", "host"],
+        )
+        credit = GaugeMetricFamily(
+            "dicom_router_worker_credit",
+            "Leases the worker can take now (its free credit)",
+            labels=["worker", "host"],
+        )
+        for worker in workers:
+            silent.add_metric([worker.name, worker.host], worker.silent_for(now))
+            credit.add_metric([worker.name, worker.host], worker.credit)
+        yield silent
+        yield credit
+
+
+def serve_metrics(queue: Any, bind: str, port: int, liveness: Path | None = None) -> Any:
     """Start the HTTP endpoint in this process (the supervisor's ``metrics`` child):
-    the listeners' multiprocess files plus the database figures."""
+    the listeners' multiprocess files plus the database figures (and, with ``liveness``,
+    the dispatcher's view of the workers)."""
     from prometheus_client import CollectorRegistry, start_http_server
     from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -160,6 +204,8 @@ def serve_metrics(queue: Any, bind: str, port: int) -> Any:
     if os.environ.get(MULTIPROC_ENV):
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     registry.register(DatabaseCollector(queue))
+    if liveness is not None:
+        registry.register(WorkerCollector(liveness))
     return start_http_server(port, addr=bind, registry=registry)
 
 

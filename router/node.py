@@ -27,6 +27,7 @@ from router.db.engine import make_engine
 from router.db.migrate import check_schema
 from router.db.repository import Repository
 from router.listener import GroupCommitter, ListenerNode, RuleCache
+from router.liveness import view_path
 from router.messages import JobMessage
 from router.metrics import mark_process_dead, prepare_multiprocess_dir
 from router.settings import ListenerSettings, Settings
@@ -385,7 +386,9 @@ def _metrics_process(settings: Settings) -> None:
     async def main() -> None:
         engine = make_engine(settings.database_url)
         metrics = settings.metrics
-        server, thread = serve_metrics(JobQueue(engine), metrics.bind, metrics.port)
+        server, thread = serve_metrics(
+            JobQueue(engine), metrics.bind, metrics.port, liveness=view_path(settings.data_dir)
+        )
         log.info("metrics on http://%s:%d/metrics", metrics.bind, metrics.port)
         await _stop_event().wait()
         server.shutdown()
@@ -472,6 +475,7 @@ def _dispatcher_process(settings: Settings) -> None:
             notify_endpoint=settings.dispatcher_notify_endpoint,
             pipeline=settings.workers.pipeline,
             health=DestinationHealth(settings.workers.retry_base, settings.workers.retry_cap),
+            liveness=view_path(settings.data_dir),
         )
         await dispatcher.run(_stop_event())
         engine.dispose()
