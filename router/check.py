@@ -59,6 +59,7 @@ def check_settings(settings: Settings) -> Iterator[Finding]:
             "false",
             "TLS peers are not authenticated by certificate",
         )
+    yield from _check_user_identity(settings)
     if not _is_loopback(listener.bind):
         yield Finding(
             NOTE,
@@ -80,6 +81,45 @@ def check_settings(settings: Settings) -> Iterator[Finding]:
             settings.metrics.bind,
             "metrics (destination names, counts) are served to other hosts without auth",
         )
+
+
+def _check_user_identity(settings: Settings) -> Iterator[Finding]:
+    mode = settings.security.user_identity
+    if mode == "none":
+        yield Finding(
+            OPEN,
+            "security.user_identity",
+            "none",
+            "peers need no user identity (PS3.7 D.3.3.7); "
+            'set "password" and `dicom-router users add NAME --password-stdin`',
+        )
+    elif mode == "username":
+        yield Finding(
+            NOTE,
+            "security.user_identity",
+            "username",
+            "a user name alone, with no passcode, is accepted as identity",
+        )
+    if mode == "password" and not settings.listener.tls_cert:
+        yield Finding(
+            NOTE,
+            "security.user_identity",
+            "password",
+            "passcodes travel in clear without listener TLS",
+        )
+
+
+def check_users(users: Iterable[Any], mode: str) -> Iterator[Finding]:
+    """The users table against the identity mode (``Repository.list_users``)."""
+    users = list(users)
+    if mode != "none" and not users:
+        yield Finding(NOTE, "users", "(none)", "identity is required and no user is defined")
+    if mode == "password":
+        for user in users:
+            if not user.has_passcode:
+                yield Finding(
+                    NOTE, f"users.{user.name}", "no passcode", "cannot log in (mode password)"
+                )
 
 
 def check_destinations(destinations: Iterable[Any]) -> Iterator[Finding]:

@@ -771,6 +771,66 @@ def sources_remove(context: Context, ae_title: str, as_json: bool) -> None:
     _emit_one(as_json, {"removed": ae_title}, f"removed source {ae_title}")
 
 
+# -- users --------------------------------------------------------------------------------
+@main.group()
+def users() -> None:
+    """Users the listener accepts in User Identity Negotiation ([security] user_identity)."""
+
+
+@users.command("add")
+@click.argument("name")
+@click.option(
+    "--password-stdin",
+    is_flag=True,
+    help="read the passcode from the first line of stdin (stored as a scrypt digest)",
+)
+@json_option
+@pass_context
+def users_add(context: Context, name: str, password_stdin: bool, as_json: bool) -> None:
+    """Add a user; without --password-stdin it identifies by name alone."""
+    from router.users import MAX_PASSCODE, check_username, hash_passcode, read_passcode_stdin
+
+    try:
+        check_username(name)
+    except ValueError as exc:
+        raise UsageFail(str(exc)) from None
+    secret = None
+    if password_stdin:
+        passcode = read_passcode_stdin(click.get_text_stream("stdin"))
+        if not passcode or len(passcode) > MAX_PASSCODE:
+            _fail(f"the passcode on stdin must be 1-{MAX_PASSCODE} bytes")
+        secret = hash_passcode(passcode)
+    with _repository_errors():
+        user = context.repository().add_user(name, secret)
+    _audit_change(context, "user", "add", name, "with passcode" if secret else "name only")
+    row = {"name": user.name, "passcode": user.has_passcode}
+    _emit_one(as_json, row, f"added user {name}")
+
+
+@users.command("list")
+@json_option
+@pass_context
+def users_list(context: Context, as_json: bool) -> None:
+    """List users (never their passcodes)."""
+    rows = [
+        {"name": u.name, "passcode": u.has_passcode, "created_at": u.created_at.isoformat()}
+        for u in context.repository().list_users()
+    ]
+    _emit(as_json, rows, ["name", "passcode", "created_at"], "users")
+
+
+@users.command("remove")
+@click.argument("name")
+@json_option
+@pass_context
+def users_remove(context: Context, name: str, as_json: bool) -> None:
+    """Remove a user."""
+    with _repository_errors():
+        context.repository().remove_user(name)
+    _audit_change(context, "user", "remove", name)
+    _emit_one(as_json, {"removed": name}, f"removed user {name}")
+
+
 # -- check --------------------------------------------------------------------------------
 @main.command("check")
 @click.option("--strict", is_flag=True, help="exit 1 when anything is open")
@@ -778,12 +838,21 @@ def sources_remove(context: Context, ae_title: str, as_json: bool) -> None:
 @pass_context
 def check(context: Context, strict: bool, as_json: bool) -> None:
     """List every setting that leaves the node open (security review)."""
-    from router.check import OPEN, check_destinations, check_files, check_settings, node_files
+    from router.check import (
+        OPEN,
+        check_destinations,
+        check_files,
+        check_settings,
+        check_users,
+        node_files,
+    )
 
     settings = context.settings
     findings = [*check_settings(settings), *check_files(node_files(settings))]
     if _database_exists(settings):
-        findings += check_destinations(context.repository().list_destinations())
+        repository = context.repository()
+        findings += check_destinations(repository.list_destinations())
+        findings += check_users(repository.list_users(), settings.security.user_identity)
     rows = [
         {"level": f.level, "setting": f.setting, "value": f.value, "why": f.why} for f in findings
     ]

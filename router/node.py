@@ -22,7 +22,12 @@ from protocol.errors import RejectReason, RejectResult, RejectSource
 from protocol.limits import Limits
 from protocol.net import AssociationInfo, Timeouts, start_server
 from protocol.pdu import AAssociateRJ, AAssociateRQ
-from router.audit import AuditLog, application_activity, association_observer
+from router.audit import (
+    AuditLog,
+    application_activity,
+    association_observer,
+    authentication_failure,
+)
 from router.db.engine import make_engine
 from router.db.migrate import check_schema
 from router.db.repository import Repository
@@ -33,6 +38,7 @@ from router.metrics import mark_process_dead, prepare_multiprocess_dir
 from router.settings import ListenerSettings, Settings
 from router.spool import Spool
 from router.status import NodeStatusFile
+from router.users import IdentityCheck
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +76,12 @@ def recover(settings: Settings, repository: Repository) -> None:
         )
 
 
-def acceptor_policy(settings: ListenerSettings) -> AcceptorPolicy:
+def acceptor_policy(settings: ListenerSettings, user_identity: bool = False) -> AcceptorPolicy:
     # The node stores what it is sent as it is: any storage SOP class, and the
     # transfer syntax the requestor proposed first (compressed data stays compressed).
+    # With user identity required, ``identity_gate`` has verified it before negotiation;
+    # the hook only answers a requested positive response (empty for types 1 and 2,
+    # PS3.7 D.3.3.7.2).
     return AcceptorPolicy(
         ae_title=settings.ae_title,
         require_called_ae=settings.check_called_ae,
@@ -80,7 +89,55 @@ def acceptor_policy(settings: ListenerSettings) -> AcceptorPolicy:
         transfer_syntaxes=(),
         accept_any_transfer_syntax=True,
         max_pdu_length=settings.max_pdu_length,
+        user_identity=(lambda identity: b"") if user_identity else None,
     )
+
+
+# PS3.7 D.3.3.7: an authorisation failure is rejected-permanent with source "DICOM UL
+# service-provider (ACSE related function)", reason no-reason-given: (1, 2, 1).
+IDENTITY_REJECT = AAssociateRJ(
+    RejectResult.PERMANENT, RejectSource.SERVICE_PROVIDER_ACSE, RejectReason.NO_REASON
+)
+
+
+def identity_gate(
+    check: IdentityCheck, audit: AuditLog | None, local_ae: str
+) -> Callable[[AssociationInfo, AAssociateRQ], AAssociateRJ | None]:
+    """The User Identity sub-item must satisfy ``check``; a refusal is IDENTITY_REJECT,
+    one warning with the peer's address and why (never the passcode), and an audit
+    record (User Authentication, failure)."""
+
+    def admit(info: AssociationInfo, rq: AAssociateRQ) -> AAssociateRJ | None:
+        identity = rq.user_information.user_identity_rq
+        if identity is None:
+            verdict = check.decide(None, b"", b"")
+        else:
+            verdict = check.decide(
+                identity.identity_type, identity.primary_field, identity.secondary_field
+            )
+        info.username = verdict.username
+        if verdict.accepted:
+            return None
+        log.warning(
+            "%s: user identity refused for calling AE %r, user %r: %s",
+            info.peer,
+            rq.calling_ae,
+            verdict.username,
+            verdict.why,
+        )
+        if audit is not None:
+            audit.write(
+                authentication_failure(
+                    local_ae=local_ae,
+                    calling_ae=rq.calling_ae,
+                    peer_host=info.peer_host,
+                    why=f"user identity: {verdict.why}",
+                    username=verdict.username,
+                )
+            )
+        return IDENTITY_REJECT
+
+    return admit
 
 
 def known_sources_gate(
@@ -161,6 +218,12 @@ async def run_listener(
         idle=listener.idle_timeout,
     )
     gate = known_sources_gate(lambda: rules.sources) if listener.accept == "known" else None
+    mode = settings.security.user_identity
+    identity = (
+        identity_gate(IdentityCheck(mode, repository.user_secrets), audit, listener.ae_title)
+        if mode != "none"
+        else None
+    )
 
     def admit(info: AssociationInfo, rq: AAssociateRQ) -> AAssociateRJ | None:
         # A rule or source changed a moment ago applies to the next association, not
@@ -169,13 +232,16 @@ async def run_listener(
             rules.load()
         except Exception as exc:  # keep the rules we have; the periodic reload retries
             log.warning("could not reload rules: %s", exc)
-        return gate(info, rq) if gate is not None else None
+        refusal = gate(info, rq) if gate is not None else None
+        if refusal is None and identity is not None:
+            refusal = identity(info, rq)
+        return refusal
 
     if listener.accept == "any":
         log.warning('listener.accept = "any": every calling AE title may store to this node')
     server = await start_server(
         node,
-        acceptor_policy(listener),
+        acceptor_policy(listener, user_identity=mode != "none"),
         listener.bind or None,
         listener.port,
         limits=limits,

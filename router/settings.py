@@ -106,6 +106,14 @@ class AuditSettings:
 
 
 @dataclass(frozen=True)
+class SecuritySettings:
+    # User Identity Negotiation (PS3.7 D.3.3.7) the listener requires: "none" (not
+    # checked), "username" (a known user name) or "password" (name and passcode, checked
+    # against the scrypt digests of `dicom-router users add`).
+    user_identity: str = "none"
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path = Path("dicom-router-data")
     db: str = ""  # empty: SQLite in the data directory
@@ -114,6 +122,7 @@ class Settings:
     workers: WorkerSettings = field(default_factory=WorkerSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
 
     @property
     def database_url(self) -> str:
@@ -148,10 +157,12 @@ _SECTIONS = {
     "workers": WorkerSettings,
     "metrics": MetricsSettings,
     "audit": AuditSettings,
+    "security": SecuritySettings,
 }
 _CHOICES = {
     ("listener", "accept"): ("any", "known"),
     ("listener", "unrouted_policy"): ("unrouted", "reject"),
+    ("security", "user_identity"): ("none", "username", "password"),
 }
 
 

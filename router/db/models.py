@@ -24,6 +24,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -297,3 +298,21 @@ class NodeStateRow(Base):
     # Bumped in the same transaction as every change to rules, destinations or sources,
     # so that every process knows when to reload them.
     rules_version: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+
+
+class UserRow(Base):
+    """A user the listener accepts in User Identity Negotiation (PS3.7 D.3.3.7).
+
+    Only a ``hashlib.scrypt`` digest of the passcode is stored, with its own random salt
+    and the cost parameters it was made with (router/users.py); no passcode: the user may
+    identify by name alone ([security] user_identity = "username")."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH), unique=True)
+    salt: Mapped[bytes | None] = mapped_column(LargeBinary(64))
+    digest: Mapped[bytes | None] = mapped_column(LargeBinary(64))
+    # scrypt cost as "n:r:p", so that a later default does not break stored digests.
+    params: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[dt.datetime] = _created()

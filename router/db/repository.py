@@ -35,9 +35,11 @@ from router.db.models import (
     RuleDestinationRow,
     RuleRow,
     SourceRow,
+    UserRow,
     utcnow,
 )
 from router.rules import RuleSpec, parse_condition
+from router.users import Secret, StoredUser, check_username
 
 __all__ = [
     "AlreadyExists",
@@ -52,6 +54,7 @@ __all__ = [
     "RepositoryError",
     "Source",
     "TlsOptions",
+    "User",
 ]
 
 
@@ -95,6 +98,13 @@ class Destination:
     max_associations: int
     max_retries: int
     tls: TlsOptions | None
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    name: str
+    has_passcode: bool
     created_at: dt.datetime
 
 
@@ -341,6 +351,40 @@ class Repository:
                 raise NotFound(f"no source {ae_title!r}")
             _bump_version(session)
 
+    # -- users (router/users.py hashes; only digests are stored) -------------------------
+    def add_user(self, name: str, secret: Secret | None) -> User:
+        try:
+            check_username(name)
+        except ValueError as exc:
+            raise InvalidValue(str(exc)) from None
+        row = UserRow(
+            name=name,
+            salt=secret.salt if secret else None,
+            digest=secret.digest if secret else None,
+            params=secret.params if secret else None,
+            created_at=self._clock(),
+        )
+        with self._write() as session:
+            if session.scalar(select(UserRow.id).where(UserRow.name == name)):
+                raise AlreadyExists(f"user {name!r} already exists")
+            _insert(session, row, f"user {name!r} already exists")
+            return _user(row)
+
+    def list_users(self) -> list[User]:
+        with self._read() as session:
+            return [_user(row) for row in session.scalars(select(UserRow).order_by(UserRow.name))]
+
+    def user_secrets(self) -> dict[str, StoredUser]:
+        """Every user with what is kept of their passcode (the listener's check)."""
+        with self._read() as session:
+            return {row.name: _stored_user(row) for row in session.scalars(select(UserRow))}
+
+    def remove_user(self, name: str) -> None:
+        with self._write() as session:
+            deleted = session.execute(delete(UserRow).where(UserRow.name == name))
+            if not deleted.rowcount:  # type: ignore[attr-defined]
+                raise NotFound(f"no user {name!r}")
+
     # -- ingest ------------------------------------------------------------------------
     def record_instances(self, batch: Sequence[NewInstance]) -> list[InstanceResult]:
         """Record a batch of spooled instances and their jobs in ONE transaction.
@@ -568,6 +612,16 @@ def _destination(row: DestinationRow) -> Destination:
         tls,
         row.created_at,
     )
+
+
+def _user(row: UserRow) -> User:
+    return User(row.name, row.digest is not None, row.created_at)
+
+
+def _stored_user(row: UserRow) -> StoredUser:
+    has_secret = row.salt is not None and row.digest is not None and row.params is not None
+    secret = Secret(row.salt, row.digest, row.params) if has_secret else None  # type: ignore[arg-type]
+    return StoredUser(row.name, secret)
 
 
 def _source(row: SourceRow) -> Source:

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from router.check import OPEN, check_destinations, check_files, check_settings
 from router.cli import main
-from router.settings import ListenerSettings, MetricsSettings, Settings
+from router.settings import ListenerSettings, MetricsSettings, SecuritySettings, Settings
 
 
 def _settings(**listener: object) -> Settings:
@@ -21,7 +21,12 @@ def _settings(**listener: object) -> Settings:
 
 def test_the_defaults_are_named_as_open() -> None:
     found = {f.setting: f.level for f in check_settings(Settings())}
-    assert found == {"listener.accept": OPEN, "listener.tls_cert": OPEN, "listener.bind": "note"}
+    assert found == {
+        "listener.accept": OPEN,
+        "listener.tls_cert": OPEN,
+        "listener.bind": "note",
+        "security.user_identity": OPEN,
+    }
 
 
 def test_a_careful_listener_has_nothing_open() -> None:
@@ -32,6 +37,7 @@ def test_a_careful_listener_has_nothing_open() -> None:
         tls_require_client_cert=True,
         bind="127.0.0.1",
     )
+    careful = replace(careful, security=SecuritySettings(user_identity="password"))
     assert list(check_settings(careful)) == []
 
 
@@ -79,6 +85,7 @@ def test_the_command_after_init_and_strict(tmp_path: Path) -> None:
         "listener.tls_cert",
         "listener.bind",
         "destinations.pacs",
+        "security.user_identity",
     }
     assert runner.invoke(main, [*data, "check", "--strict"]).exit_code == 1
 

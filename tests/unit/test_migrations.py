@@ -40,6 +40,7 @@ TABLES = {
     "rule_destinations",
     "rules",
     "sources",
+    "users",
 }
 
 
