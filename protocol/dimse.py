@@ -264,6 +264,10 @@ def _uid(values: dict[int, bytes], element: int, what: str, required: bool = Tru
         if required:
             raise DIMSEError(f"{what}: (0000,{element:04X}) is missing")
         return ""
+    if not raw.isascii():
+        # PS3.5 9.1: a UID is digits and periods. A non-ASCII one could never be echoed
+        # in the response (encode_command refuses it), so it is refused here, typed.
+        raise DIMSEError(f"{what}: (0000,{element:04X}) is not a UID (non-ASCII bytes)")
     # PS3.5 9.1: NUL pads a UI value; some senders pad with a space instead.
     return raw.decode("latin-1").rstrip("\0 ")
 
