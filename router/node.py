@@ -574,6 +574,7 @@ async def run_worker(
     destinations: tuple[str, ...] | None = None,
     curve: tuple[bytes, Any] | None = None,
     stop: asyncio.Event | None = None,
+            worker_timeout=settings.workers.timeout,
 ) -> None:
     """One forwarding worker until SIGTERM/SIGINT: the node's own (``serve``), or one on
     another host (``dicom-router worker``: no spool of its own, files are fetched)."""

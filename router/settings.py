@@ -61,6 +61,10 @@ class SpoolSettings:
     retention_seconds: float = 0.0
 
 
+#: A worker's heartbeat is every 2 s (workers/worker.py): the dispatcher must wait longer.
+WORKER_TIMEOUT_MIN = 4.0
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
     count: int = 1  # forwarding worker processes started by `serve`
@@ -77,6 +81,10 @@ class WorkerSettings:
     retry_base: float = 5.0  # seconds before the first retry (exponential, jitter)
     retry_cap: float = 600.0
     max_deliveries: int = 15  # leases of one job (crashed workers count) before dead letter
+    # Seconds the dispatcher waits to hear from a worker (they send a heartbeat every
+    # 2 s) before it forgets it: no new leases for it, and it drops out of `queue status`
+    # and the metrics; its leases stay until they expire (lease_seconds).
+    timeout: float = 15.0
     # Workers on other hosts: the dispatcher also listens on this tcp:// endpoint ("":
     # only the node's own ipc://). Off loopback it needs CURVE (the node's secret key and
     # a directory of the allowed workers' public keys) or, explicitly, insecure = true.
@@ -297,6 +305,10 @@ def _validate(settings: Settings) -> None:
         raise SettingsError("workers.count must be at least 0 and workers.credit at least 1")
     if settings.workers.pipeline < 1:
         raise SettingsError("workers.pipeline must be at least 1")
+    if not settings.workers.timeout >= WORKER_TIMEOUT_MIN:
+        raise SettingsError(
+            f"workers.timeout must be at least {WORKER_TIMEOUT_MIN:g} s (two heartbeats)"
+        )
     for name in ("connect_timeout", "acse_timeout", "dimse_timeout"):
         if not getattr(settings.workers, name) > 0:
             raise SettingsError(f"workers.{name} must be positive")

@@ -162,6 +162,8 @@ class SecureNode:
                 "DICOM_ROUTER_DATA_DIR": str(self.data),
                 "DICOM_ROUTER_WORKERS_RETRY_BASE": "0.2",
                 "DICOM_ROUTER_WORKERS_RETRY_CAP": "0.5",
+                # The standard asyncio loop (router/eventloop.py may pick uvloop).
+                "DICOM_ROUTER_EVENT_LOOP": "asyncio",
                 **(env or {}),
             }
         )
@@ -186,7 +188,8 @@ class SecureNode:
             raise AssertionError(f"dicom-router {' '.join(args)}: {result.stderr}{result.stdout}")
         return result
 
-    def serve(self, *serve_args: str, tls: ssl.SSLContext | None = None, workers: int = 1) -> None:
+    def serve(self, *serve_args: str, workers: int = 1, listeners: int = 1) -> None:
+        """Start serve; return once each of ``listeners`` processes says it listens."""
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
                 dicom_router(
@@ -210,7 +213,7 @@ class SecureNode:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log()
-            if marker in self.log():
+            if self.log().count(marker) >= listeners:
                 return
             time.sleep(0.1)
         raise AssertionError(f"serve did not come up: {self.log()}")

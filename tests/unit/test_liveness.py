@@ -1,5 +1,6 @@
 """Worker liveness (router/liveness.py): the dispatcher's view file, written from real
-ZeroMQ hellos over tcp:// and ipc://, and the metrics read from it."""
+ZeroMQ hellos over tcp:// and ipc://, the metrics read from it, and the dispatcher's
+worker timeout as a setting (workers.timeout)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from router.dispatcher import Dispatcher, Endpoint
 from router.liveness import STALE_AFTER, WorkerSeen, read_view, view_path, write_view
 from router.messages import Heartbeat, Hello
 from router.metrics import WorkerCollector
+from router.settings import SettingsError, load_settings
 
 
 @pytest.fixture
@@ -132,3 +134,16 @@ def test_the_dispatcher_publishes_each_worker_with_its_peer_and_forgets_a_silent
         assert not path.exists()  # a stopped dispatcher knows of no worker
 
     asyncio.run(scenario())
+
+
+def test_workers_timeout_is_a_setting_of_at_least_two_heartbeats(tmp_path: Path) -> None:
+    environ = {"DICOM_ROUTER_DATA_DIR": str(tmp_path)}
+    assert load_settings(environ=environ).workers.timeout == 15.0
+    configured = load_settings(environ={**environ, "DICOM_ROUTER_WORKERS_TIMEOUT": "45"})
+    assert configured.workers.timeout == 45.0
+    config = tmp_path / "config.toml"
+    config.write_text("[workers]\ntimeout = 6.5\n")
+    assert load_settings(config, environ=environ).workers.timeout == 6.5
+    for bad in ("3", "0", "-1", "soon"):
+        with pytest.raises(SettingsError, match=r"workers\.timeout"):
+            load_settings(environ={**environ, "DICOM_ROUTER_WORKERS_TIMEOUT": bad})
