@@ -20,8 +20,10 @@ from typing import Any
 from protocol.acse import AcceptorPolicy
 from protocol.errors import RejectReason, RejectResult, RejectSource
 from protocol.limits import Limits
-from protocol.net import AssociationInfo, Timeouts, start_server
+from protocol.net import AssociationInfo, Timeouts
+from protocol.net.server import SCPServer
 from protocol.pdu import AAssociateRJ, AAssociateRQ
+from router.admission import NodeWideSCPServer, SharedAdmission, admission_path
 from router.audit import (
     AuditLog,
     application_activity,
@@ -118,7 +120,7 @@ def identity_gate(
         info.username = verdict.username
         if verdict.accepted:
             return None
-        log.warning(
+        log.info(  # the reject's own WARNING line follows (one per refusal, DESIGN §6)
             "%s: user identity refused for calling AE %r, user %r: %s",
             info.peer,
             rq.calling_ae,
@@ -149,7 +151,9 @@ def known_sources_gate(
         addresses = sources().get(rq.calling_ae)
         if addresses is not None and (not addresses or _address_in(info.peer_host, addresses)):
             return None
-        log.warning(
+        # INFO: the server's one WARNING line for the reject names the peer and codes
+        # (DESIGN §6: one log line per refusal); this says why, with -v.
+        log.info(
             "%s: calling AE %r is not a known source from this address", info.peer, rq.calling_ae
         )
         return AAssociateRJ(
@@ -192,8 +196,11 @@ async def run_listener(
     reuse_port: bool = False,
     on_ready: Callable[[int], None] | None = None,
     stop: asyncio.Event | None = None,
+    shared: tuple[int, int] | None = None,
 ) -> None:
-    """Serve until ``stop`` is set or SIGTERM/SIGINT arrives."""
+    """Serve until ``stop`` is set or SIGTERM/SIGINT arrives. ``shared`` (this listener's
+    index, the number of listeners): the association limits are counted node-wide in
+    the file the supervisor made (router/admission.py)."""
     loop = asyncio.get_running_loop()
     engine = make_engine(settings.database_url)
     check_schema(engine)
@@ -239,16 +246,22 @@ async def run_listener(
 
     if listener.accept == "any":
         log.warning('listener.accept = "any": every calling AE title may store to this node')
-    server = await start_server(
-        node,
-        acceptor_policy(listener, user_identity=mode != "none"),
-        listener.bind or None,
-        listener.port,
-        limits=limits,
-        timeouts=timeouts,
-        ssl=listener_tls(listener),
-        reuse_port=reuse_port,
-        admit=admit,
+    policy = acceptor_policy(listener, user_identity=mode != "none")
+    admission = None
+    if shared is None:
+        server = SCPServer(node, policy, limits, timeouts, admit)
+    else:
+        index, rows = shared
+        admission = SharedAdmission(
+            admission_path(settings.data_dir),
+            rows=rows,
+            index=index,
+            max_total=listener.max_associations,
+            max_per_ae=listener.max_associations_per_calling_ae,
+        )
+        server = NodeWideSCPServer(node, policy, limits, timeouts, admit, shared=admission)
+    await server.start(
+        listener.bind or None, listener.port, ssl=listener_tls(listener), reuse_port=reuse_port
     )
     stop = stop or asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -272,12 +285,14 @@ async def run_listener(
         engine.dispose()
         if audit is not None:
             audit.close()
+        if admission is not None:
+            admission.close()
 
 
 def serve(settings: Settings) -> None:
     """Recover the spool, then supervise the node's processes until SIGTERM/SIGINT:
-    N listeners (sharing the port with SO_REUSEPORT; each admits its share of
-    ``max_associations``), the dispatcher and M forwarding workers. A child that dies is
+    N listeners (sharing the port with SO_REUSEPORT; the association limits hold across
+    them, router/admission.py), the dispatcher and M forwarding workers. A child that dies is
     restarted, with a growing pause if it keeps dying at once (DESIGN §3.6)."""
     wait_for_leftovers(settings)
     engine = make_engine(settings.database_url)
@@ -315,16 +330,15 @@ def wait_for_leftovers(settings: Settings, grace: float | None = None) -> None:
 
 class Supervisor:
     def __init__(self, settings: Settings) -> None:
-        import dataclasses
 
         count = settings.listener.processes
-        share = dataclasses.replace(
-            settings.listener,
-            max_associations=max(1, settings.listener.max_associations // count),
-        )
-        listener_settings = dataclasses.replace(settings, listener=share)
+        # More than one listener: the limits are counted node-wide in a file of the data
+        # directory that the supervisor makes and resets (router/admission.py).
+        self._listeners = count
+        self._max_associations = settings.listener.max_associations
+        self._admission = admission_path(settings.data_dir) if count > 1 else None
         self._specs: list[tuple[str, Callable[..., None], tuple[object, ...]]] = [
-            (f"listener-{i}", _listener_process, (listener_settings, count > 1))
+            (f"listener-{i}", _listener_process, (settings, count > 1, (i, count)))
             for i in range(count)
         ]
         self._specs.append(("janitor", _janitor_process, (settings,)))
@@ -365,6 +379,10 @@ class Supervisor:
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         prepare_multiprocess_dir(self._data_dir)  # before any child: they inherit it
+        if self._admission is not None:
+            SharedAdmission.create(
+                self._admission, rows=self._listeners, max_total=self._max_associations
+            )
         self._status.node_started()
         if self._audit is not None:
             self._audit.write(application_activity(started=True, ae_title=self._ae_title))
@@ -385,6 +403,7 @@ class Supervisor:
                     pause[name] = min(30.0, pause.get(name, 0.25) * 2) if quick else 0.5
                     due[name] = now + pause[name]
                     mark_process_dead(child.pid)
+                    self._forget_associations(name)
                     log.warning(
                         "%s exited (status %s); restarting in %.1f s",
                         name,
@@ -403,6 +422,17 @@ class Supervisor:
         if self._audit is not None:
             self._audit.write(application_activity(started=False, ae_title=self._ae_title))
             self._audit.close()
+
+    def _forget_associations(self, name: str) -> None:
+        """A listener died, and its connections with it: its node-wide counts go."""
+        if self._admission is None or not name.startswith("listener-"):
+            return
+        SharedAdmission.clear_row(
+            self._admission,
+            rows=self._listeners,
+            max_total=self._max_associations,
+            index=int(name.removeprefix("listener-")),
+        )
 
 
 def _child_setup() -> None:
@@ -438,9 +468,13 @@ def _stop_event() -> asyncio.Event:
     return stop
 
 
-def _listener_process(settings: Settings, reuse_port: bool) -> None:
+def _listener_process(
+    settings: Settings, reuse_port: bool, shared: tuple[int, int] | None = None
+) -> None:
     _child_setup()
-    asyncio.run(run_listener(settings, reuse_port=reuse_port))
+    asyncio.run(
+        run_listener(settings, reuse_port=reuse_port, shared=shared if reuse_port else None)
+    )
 
 
 def _metrics_process(settings: Settings) -> None:
@@ -542,6 +576,7 @@ def _dispatcher_process(settings: Settings) -> None:
             pipeline=settings.workers.pipeline,
             health=DestinationHealth(settings.workers.retry_base, settings.workers.retry_cap),
             liveness=view_path(settings.data_dir),
+            worker_timeout=settings.workers.timeout,
         )
         await dispatcher.run(_stop_event())
         engine.dispose()
@@ -574,7 +609,6 @@ async def run_worker(
     destinations: tuple[str, ...] | None = None,
     curve: tuple[bytes, Any] | None = None,
     stop: asyncio.Event | None = None,
-            worker_timeout=settings.workers.timeout,
 ) -> None:
     """One forwarding worker until SIGTERM/SIGINT: the node's own (``serve``), or one on
     another host (``dicom-router worker``: no spool of its own, files are fetched)."""
