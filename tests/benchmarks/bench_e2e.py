@@ -1,28 +1,36 @@
-"""Benchmark: end to end, DCMTK storescu -> router (durable) -> DCMTK storescp, against
-DCMTK storescu -> DCMTK storescp with no router, in one run.
+"""Benchmark: end to end, DCMTK storescu -> system under test -> DCMTK storescp, for our
+router, Orthanc and a hand-written pynetdicom forwarder, against no router, in one run.
 
-    .venv/bin/python tests/benchmarks/bench_e2e.py [--corpora tiny,ct,big] [--reps 3]
-        [--workers M] [--listeners N] [--max-associations N] [--dead-destinations]
-        [--cases none,router,router+dead]
+    .venv/bin/python tests/benchmarks/bench_e2e.py [--corpora tiny,ct,big] [--reps 5]
+        [--cases none,router,orthanc,naive[,router+dead]] [--dead-destinations]
+        [--workers M] [--listeners N] [--max-associations N]
         [--timeout S] [--stall S] [--results FILE.jsonl] [--corpus-root DIR]
         [--work-dir DIR] [--keep]
 
-Cases, interleaved in every repetition (rep 1: none, router[, router+dead]; rep 2: ...):
+Cases, interleaved in every repetition (rep 1: none, router, orthanc, naive; rep 2: ...),
+so that a slow spell of the machine hits every case alike:
 
-    none         storescu straight into the sink: the floor of this method
+    none         storescu straight into the sink: the physical limit of the path
     router       storescu -> ``dicom-router serve`` -> sink; the rule ``all`` sends every
-                 instance to the destination ``sink``
-    router+dead  (--dead-destinations) the same, but the rule also sends every instance to
-                 ``dead`` (a port where nothing listens: connection refused) and ``hole``
-                 (a socket of this script that listens and never accepts or answers)
+                 instance to the destination ``sink`` (durable: acknowledged after fsync
+                 and commit)
+    orthanc      storescu -> Orthanc (Debian's package, ``apt-get install -y orthanc``;
+                 its service need not run) -> sink, configured here in the run's
+                 directory: its own storage and SQLite index, DICOM port chosen at run
+                 time, HTTP off, Lua OnStoredInstance: SendToModality('sink'), then
+                 Delete (forward-and-delete auto-routing); see suts.py
+    naive        storescu -> naive_forwarder.py (pynetdicom SCP, each C-STORE sent on
+                 synchronously over one held-open association; nothing on disk) -> sink
+    router+dead  (--dead-destinations, or named in --cases) the router with the rule
+                 also sending every instance to ``dead`` (a port where nothing listens)
+                 and ``hole`` (a socket of this script that never accepts or answers)
 
 One run: a fresh DCMTK ``storescp`` sink (empty directory; ``--fork`` when
---max-associations > 1, since storescp serves one association at a time otherwise), for
-the router cases a fresh data directory (``init``, ``destinations add``, ``rules add``,
-``serve --port L --bind 127.0.0.1``, ready when C-ECHO to ROUTER answers), the corpus
-read once (page cache warm for every case), ``sync`` and 0.3 s of quiet, then ONE
-``storescu +sd +r`` association with the whole corpus. Every DCMTK process runs with
-TCP_NODELAY=1 (Debian's DCMTK leaves Nagle on otherwise).
+--max-associations > 1, since storescp serves one association at a time otherwise), a
+fresh system under test (ready when C-ECHO answers), the corpus read once (page cache
+warm for every case), ``sync`` and 0.3 s of quiet, then ONE ``storescu +sd +r``
+association with the whole corpus (bench_scaling.py runs several at once). Every DCMTK
+process (Orthanc included) runs with TCP_NODELAY=1; the naive forwarder sets it itself.
 
 Measured from the spawn of storescu (t = 0):
     send     storescu's exit, i.e. the last acknowledgement (+ A-RELEASE, process exit)
@@ -32,19 +40,21 @@ Measured from the spawn of storescu (t = 0):
              ack->arrival is slightly negative there)
     total    max(send, arrival); instances/s and MB/s (10^6 bytes of corpus files) are
              of the total
-A run fails when storescu fails, the router or the sink exits, no new instance reaches
+A run fails when storescu fails, the system or the sink exits, no new instance reaches
 the sink for --stall seconds (default 60: a stalled router), or after --timeout; the
 note under the table says how far it got.
-Router CPU = user+sys of every process in serve's process group (supervisor, listener,
-dispatcher, workers, janitor; from /proc), from just before the send to the last arrival,
-per instance; the per-process split is printed under the table.
+CPU = user+sys of every process in the system's process group (router: supervisor,
+listeners, dispatcher, workers, janitor; Orthanc and the naive forwarder: one process,
+all threads; from /proc), from just before the send to the last arrival, per instance;
+the router's per-process split is printed under the table.
 
-Prints one Markdown table on stdout (median of the successful repetitions, min-max) with
-the ratios the performance issue sets targets for (router / no router, instances/s:
-tiny >= 0.5, ct >= 0.45, big >= 0.5) and, with --dead-destinations, router+dead /
-router. Progress goes to stderr; ``--results`` appends one JSON line per run. Loopback
-only, free ports at run time, every process stopped by its process group. Not part of
-the test command; figures on a shared 2-core VM are noisy.
+Prints one Markdown table per corpus (median of the successful repetitions, min-max):
+instances/s and MB/s, the ratios the performance issue sets targets for (router / no
+router; router / Orthanc; router / naive), each the median of the ratios paired within
+a repetition, and CPU ms per instance with router / naive and router / Orthanc. Progress
+goes to stderr; ``--results`` appends one JSON line per run. Loopback only, free ports
+at run time, every process stopped by its process group. Not part of the test command;
+figures on a shared 2-core VM are noisy: report medians of >= 5 repetitions.
 """
 
 from __future__ import annotations
@@ -56,7 +66,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -70,7 +79,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import DEFAULT_ROOT, SHAPES, Corpus, ensure_corpus
 from peers import (
     AET,
-    CLK_TCK,
     LOOPBACK,
     NODELAY_ENV,
     Receiver,
@@ -82,15 +90,19 @@ from peers import (
     count_instances,
     free_port,
     start_receiver,
-    wait_ready,
 )
+from suts import ROUTER, NaiveForwarder, Node, Orthanc, Router, orthanc_missing
 
 DEFAULT_WORK = Path("/tmp/dicom-router-bench/e2e")
-ROUTER_AET = "ROUTER"
-ROUTER = str(Path(sys.executable).parent / "dicom-router")
+CASES = ("none", "router", "orthanc", "naive", "router+dead")
+DEFAULT_CASES = "none,router,orthanc,naive"
 POLL_S = 0.02
-TARGETS = {"tiny": 0.5, "ct": 0.45, "big": 0.5}  # router / no router, instances/s
 SIZE_SLACK = 1024  # a sink file differs from its source only in the meta header (~+6 B)
+# The performance issue's targets: router / no router and router / Orthanc (throughput,
+# per corpus), router CPU / naive forwarder CPU per instance (tiny).
+TARGET_NONE = {"tiny": 0.5, "ct": 0.45, "big": 0.5}
+TARGET_ORTHANC = {"tiny": 12.0, "ct": 3.5, "big": 2.5}
+TARGET_CPU_NAIVE = {"tiny": 0.5}
 
 
 @dataclass
@@ -103,28 +115,23 @@ class Run:
     instances: int  # complete in the sink at the end
     expected: int
     corpus_bytes: int
-    send_s: float
+    send_s: float  # the last storescu's exit
     arrival_s: float  # newest sink file's mtime, relative to the spawn of storescu
     detected_s: float  # when the poll saw the last one complete
     total_s: float
     sender_rc: int
-    sender_cpu_s: float
+    sender_cpu_s: float  # all storescu processes
     sink_cpu_s: float
-    router_cpu_s: float
-    router_cpu_by_process: dict[str, float] = field(default_factory=dict)
+    cpu_s: float  # the system under test, every process
+    cpu_by_process: dict[str, float] = field(default_factory=dict)
+    senders: int = 1
+    label: str = ""  # a configuration (bench_scaling.py)
     loadavg: float = 0.0
+    host_cpu: dict[str, float] = field(default_factory=dict)  # /proc/stat shares, window
     time: float = 0.0
 
 
 # ------------------------------------------------------------------ processes
-
-
-def _cli(data: Path, *args: str) -> None:
-    done = subprocess.run(
-        [ROUTER, "--data-dir", str(data), *args], capture_output=True, text=True, check=False
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"dicom-router {' '.join(args)}: {done.stderr.strip()}")
 
 
 def _sink_system(fork: bool) -> System:
@@ -141,98 +148,38 @@ def _storescu(port: int, aet: str, source: Path) -> list[str]:
     return ["storescu", "-aec", aet, "+sd", "+r", LOOPBACK, str(port), str(source)]
 
 
-def _proc_stat(pid: int | str) -> list[str] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text.rsplit(")", 1)[1].split()  # [0] state, [2] pgrp, [11..14] u/s/cu/cs time
+def start_system(case: str, run_dir: Path, sink_port: int, args: argparse.Namespace) -> Node:
+    logs = run_dir / "logs"
+    if case == "orthanc":
+        return Orthanc(run_dir / "orthanc", logs / "orthanc.log", sink_port)
+    if case == "naive":
+        return NaiveForwarder(logs / "naive.log", sink_port)
+    return Router(
+        run_dir / "data",
+        logs / "serve.log",
+        sink_port,
+        workers=args.workers,
+        listeners=args.listeners,
+        max_associations=args.max_associations,
+        dead=case == "router+dead",
+    )
 
 
-def _group_cpu(pgid: int) -> dict[int, float]:
-    """user+sys CPU seconds of every live process in group ``pgid``; the leader's count
-    includes its reaped children (a restarted child)."""
-    out: dict[int, float] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        fields = _proc_stat(entry.name)
-        if fields is None or int(fields[2]) != pgid:
-            continue
-        ticks = int(fields[11]) + int(fields[12])
-        if int(entry.name) == pgid:
-            ticks += int(fields[13]) + int(fields[14])
-        out[int(entry.name)] = ticks / CLK_TCK
-    return out
+def _host_ticks() -> list[int]:
+    """The machine's CPU ticks: user nice system idle iowait irq softirq steal."""
+    return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
 
 
-def _roles(data: Path, leader: int) -> dict[int, str]:
-    """pid -> listener/dispatcher/worker/janitor/... from the supervisor's status file."""
-    roles = {leader: "supervisor"}
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        state = json.loads((data / "run" / "node.json").read_text())
-        for name, child in state["children"].items():
-            if child.get("pid"):
-                roles[int(child["pid"])] = name.rstrip("0123456789").rstrip("-")
-    return roles
-
-
-class Router:
-    """``dicom-router serve`` on a fresh data directory, its own process group."""
-
-    def __init__(
-        self,
-        data: Path,
-        log: Path,
-        sink_port: int,
-        args: argparse.Namespace,
-        dead: bool,
-    ) -> None:
-        self.data, self.log = data, log
-        self.hole: socket.socket | None = None
-        _cli(data, "init")
-        per_destination = ["--max-associations", str(args.max_associations)]
-        _cli(data, "destinations", "add", "sink", "--aet", AET, "--host", LOOPBACK,
-             "--port", str(sink_port), *per_destination)  # fmt: skip
-        targets = ["sink"]
-        if dead:
-            # Nothing listens on a port that was free a moment ago: connection refused.
-            _cli(data, "destinations", "add", "dead", "--aet", "DEAD", "--host", LOOPBACK,
-                 "--port", str(free_port()), *per_destination)  # fmt: skip
-            # A black hole: connections complete in the kernel's backlog, nothing answers.
-            self.hole = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            self.hole.bind((LOOPBACK, 0))
-            self.hole.listen(1024)
-            _cli(data, "destinations", "add", "hole", "--aet", "HOLE", "--host", LOOPBACK,
-                 "--port", str(self.hole.getsockname()[1]), *per_destination)  # fmt: skip
-            targets += ["dead", "hole"]
-        _cli(data, "rules", "add", "all", "--to", ",".join(targets))
-        self.port = free_port()
-        argv = [ROUTER, "--data-dir", str(data), "serve", "--port", str(self.port),
-                "--bind", LOOPBACK]  # fmt: skip
-        if args.workers is not None:
-            argv += ["--workers", str(args.workers)]
-        if args.listeners is not None:
-            argv += ["--listeners", str(args.listeners)]
-        self.popen = _spawn(argv, NODELAY_ENV, log)
-        self._stopper = Receiver("router", self.port, data, log, self.popen)
-        try:
-            wait_ready(self.port, self.popen, log, timeout=60.0, aet=ROUTER_AET)
-        except BaseException:
-            self.stop()
-            raise
-
-    def alive(self) -> bool:
-        return self._stopper.alive()
-
-    def cpu(self) -> dict[int, float]:
-        return _group_cpu(self.popen.pid)
-
-    def stop(self) -> None:
-        self._stopper.stop(grace=30.0)
-        if self.hole is not None:
-            self.hole.close()
-            self.hole = None
+def _host_shares(t0: list[int], t1: list[int]) -> dict[str, float]:
+    d = [b - a for a, b in zip(t0, t1, strict=True)]
+    total = sum(d) or 1
+    busy = d[0] + d[1] + d[2] + d[5] + d[6]
+    return {
+        "busy": round(busy / total, 3),
+        "iowait": round(d[4] / total, 3),
+        "idle": round(d[3] / total, 3),
+        "steal": round(d[7] / total, 3),
+    }
 
 
 # ------------------------------------------------------------------ one run
@@ -278,50 +225,81 @@ class SinkWatch:
         return newest / 1e9
 
 
-def one_run(case: str, corpus: Corpus, rep: int, work: Path, args: argparse.Namespace) -> Run:
-    run_dir = work / f"{corpus.shape}-{rep}-{case}"
+Sampler = Callable[[float, Node | None], None]
+
+
+def one_run(
+    case: str,
+    corpus: Corpus,
+    rep: int,
+    work: Path,
+    args: argparse.Namespace,
+    *,
+    sources: list[Path] | None = None,
+    label: str = "",
+    sampler: Sampler | None = None,
+) -> Run:
+    """One timed run of ``case``: storescu (one per directory of ``sources``, all at
+    once; default: the corpus in one association) -> system -> sink. ``sampler(t, node)``
+    is called at every poll (every ~20 ms) while the run lasts."""
+    sources = sources or [corpus.directory]
+    name = f"{corpus.shape}-{rep}-{case}" + (f"-{label}" if label else "")
+    run_dir = work / name.replace("/", "_").replace(" ", "_")
     shutil.rmtree(run_dir, ignore_errors=True)
     sink_dir, logs = run_dir / "sink", run_dir / "logs"
     nan = float("nan")
     run = Run(case, corpus.shape, rep, False, "", 0, corpus.count, corpus.bytes,
-              nan, nan, nan, nan, -1, nan, nan, nan)  # fmt: skip
+              nan, nan, nan, nan, -1, nan, nan, nan, senders=len(sources),
+              label=label)  # fmt: skip
     sink_port = free_port()
     sink: Receiver | None = None
-    router: Router | None = None
-    sender = None
+    node: Node | None = None
+    senders: list[subprocess.Popen[bytes]] = []
     try:
-        sink = start_receiver(_sink_system(args.max_associations > 1), sink_port, sink_dir, logs)
+        fork = args.max_associations > 1 or getattr(args, "sink_fork", False)
+        sink = start_receiver(_sink_system(fork), sink_port, sink_dir, logs)
         if case == "none":
             feed_port, feed_aet = sink_port, AET
         else:
-            router = Router(
-                run_dir / "data", logs / "serve.log", sink_port, args, case == "router+dead"
-            )
-            feed_port, feed_aet = router.port, ROUTER_AET
-        _warm(corpus.directory)
+            node = start_system(case, run_dir, sink_port, args)
+            feed_port, feed_aet = node.port, node.aet
+        for source in sources:
+            _warm(source)
         os.sync()
         time.sleep(0.3)
         run.loadavg = float(Path("/proc/loadavg").read_text().split()[0])
         watch = SinkWatch(sink_dir, corpus.count, corpus.min_size)
         sink_cpu0 = sink.cpu_seconds()
-        router_cpu0 = router.cpu() if router else {}
-        argv = _storescu(feed_port, feed_aet, corpus.directory)
+        cpu0 = node.cpu() if node else {}
+        host0 = _host_ticks()
         t0_wall = time.time()
         t0 = time.perf_counter()
-        sender = _spawn(argv, NODELAY_ENV, logs / "storescu.log")
+        for i, source in enumerate(sources):
+            log = logs / ("storescu.log" if len(sources) == 1 else f"storescu-{i:02d}.log")
+            senders.append(_spawn(_storescu(feed_port, feed_aet, source), NODELAY_ENV, log))
+        pending = list(senders)
+        run.sender_rc, run.sender_cpu_s = 0, 0.0
         detected = None
         progress, progress_at = 0, 0.0
         while True:
             now = time.perf_counter() - t0
-            if sender.returncode is None and _wait_exited(sender.pid, 0):
-                run.send_s = now
+            for sender in list(pending):
+                if not _wait_exited(sender.pid, 0):
+                    continue
                 _killpg(sender.pid, signal.SIGKILL)  # anything it left in its group
                 _, status, usage = os.wait4(sender.pid, 0)
-                sender.returncode = run.sender_rc = os.waitstatus_to_exitcode(status)
-                run.sender_cpu_s = usage.ru_utime + usage.ru_stime
-                if run.sender_rc != 0:
-                    run.error = f"storescu exit code {run.sender_rc}"
-                    break
+                sender.returncode = rc = os.waitstatus_to_exitcode(status)
+                run.sender_cpu_s += usage.ru_utime + usage.ru_stime
+                pending.remove(sender)
+                if rc != 0 and not run.error:
+                    run.sender_rc = rc
+                    run.error = f"storescu exit code {rc}"
+                if not pending:
+                    run.send_s = now
+            if run.error:
+                break
+            if sampler is not None:
+                sampler(now, node)
             if detected is None and watch.poll():
                 detected = now
             if len(watch.complete) > progress:
@@ -329,10 +307,10 @@ def one_run(case: str, corpus: Corpus, rep: int, work: Path, args: argparse.Name
             elif now - progress_at > args.stall:
                 run.error = f"stalled: no new instance at the sink for {args.stall:.0f} s"
                 break
-            if detected is not None and sender.returncode is not None:
+            if detected is not None and not pending:
                 break
-            if router is not None and not router.alive():
-                run.error = "the router exited"
+            if node is not None and not node.alive():
+                run.error = f"the {node.name} exited"
                 break
             if not sink.alive():
                 run.error = "the sink exited"
@@ -341,20 +319,23 @@ def one_run(case: str, corpus: Corpus, rep: int, work: Path, args: argparse.Name
                 run.error = f"timed out after {args.timeout:.0f} s"
                 break
             time.sleep(POLL_S)
-        if router is not None:
-            router_cpu1 = router.cpu()
-            roles = _roles(router.data, router.popen.pid)
+        run.host_cpu = _host_shares(host0, _host_ticks())
+        if node is not None:
+            cpu1 = node.cpu()
+            roles = node.roles()
             by_role: dict[str, float] = {}
-            for pid, seconds in router_cpu1.items():
+            for pid, seconds in cpu1.items():
                 role = roles.get(pid, "other")
-                by_role[role] = by_role.get(role, 0.0) + seconds - router_cpu0.get(pid, 0.0)
-            run.router_cpu_by_process = {k: round(v, 3) for k, v in sorted(by_role.items())}
-            run.router_cpu_s = sum(by_role.values())
+                by_role[role] = by_role.get(role, 0.0) + seconds - cpu0.get(pid, 0.0)
+            run.cpu_by_process = {
+                k: round(v, 3) for k, v in sorted(by_role.items()) if k != "other" or v >= 0.001
+            }
+            run.cpu_s = sum(by_role.values())
         run.sink_cpu_s = sink.cpu_seconds() - sink_cpu0
         run.instances = len(watch.complete)
         if watch.complete:
             run.arrival_s = watch.last_mtime() - t0_wall
-        if detected is not None:
+        if detected is not None and not run.error:
             run.detected_s = detected
             run.total_s = max(run.send_s, run.arrival_s)
         elif run.error:
@@ -366,11 +347,12 @@ def one_run(case: str, corpus: Corpus, rep: int, work: Path, args: argparse.Name
     except Exception as exc:  # a start-up failure: recorded, the next run goes on
         run.error = f"{type(exc).__name__}: {exc}"
     finally:
-        if sender is not None and sender.returncode is None:
-            _killpg(sender.pid, signal.SIGKILL)
-            sender.wait()
-        if router is not None:
-            router.stop()
+        for sender in senders:
+            if sender.returncode is None:
+                _killpg(sender.pid, signal.SIGKILL)
+                sender.wait()
+        if node is not None:
+            node.stop()
         if sink is not None:
             sink.stop()
     if not run.error:
@@ -385,6 +367,25 @@ def one_run(case: str, corpus: Corpus, rep: int, work: Path, args: argparse.Name
     elif not args.keep:
         shutil.rmtree(run_dir, ignore_errors=True)
     return run
+
+
+def progress_line(run: Run, corpus: Corpus) -> str:
+    where = f"{corpus.shape} rep {run.rep} {run.case}" + (f" [{run.label}]" if run.label else "")
+    if not run.ok:
+        return f"{where}: FAILED {run.error}"
+    cpu = f", CPU {run.cpu_s / corpus.count * 1000:.2f} ms/inst" if run.case != "none" else ""
+    return (
+        f"{where}: send {run.send_s:.2f} s, last arrival {run.arrival_s:.2f} s, "
+        f"{corpus.count / run.total_s:,.0f} inst/s{cpu} (load {run.loadavg:.1f})"
+    )
+
+
+def save(run: Run, results: Path | None) -> None:
+    if results is None:
+        return
+    record = {k: (None if isinstance(v, float) and v != v else v) for k, v in asdict(run).items()}
+    with results.open("a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 # ------------------------------------------------------------------ report
@@ -407,87 +408,100 @@ def _rate(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
-def table(runs: list[Run], corpora: list[Corpus], cases: list[str]) -> str:
-    head = ["corpus", "case", "ok", "send s", "last arrival s", "ack->arrival s", "inst/s",
-            "MB/s", "/ no router (target)", "router CPU ms/inst"]  # fmt: skip
-    if "router+dead" in cases:
-        head.append("/ router")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    notes = []
-    for corpus in corpora:
-        rates: dict[str, float] = {}
-        for case in cases:
-            good = [r for r in runs if (r.case, r.corpus, r.ok) == (case, corpus.shape, True)]
-            if good:
-                rates[case] = statistics.median(corpus.count / r.total_s for r in good)
-        for case in cases:
-            mine = [r for r in runs if (r.case, r.corpus) == (case, corpus.shape)]
-            good = [r for r in mine if r.ok]
-            rate = rates.get(case)
-            ratio = "-"
-            if case != "none" and rate and rates.get("none"):
-                ratio = f"{rate / rates['none']:.2f}"
-                if case == "router" and corpus.shape in TARGETS:
-                    ratio += f" (>= {TARGETS[corpus.shape]})"
-            cpu = [r.router_cpu_s / corpus.count * 1000 for r in good if case != "none"]
-            cells = [
-                f"{corpus.shape} ({corpus.count} x {corpus.bytes / corpus.count / 1e3:,.0f} KB)",
-                case,
-                f"{len(good)}/{len(mine)}",
-                _med([r.send_s for r in good]),
-                _med([r.arrival_s for r in good]),
-                _med([r.arrival_s - r.send_s for r in good], "{:+.2f}".format, " .. "),
-                _med([corpus.count / r.total_s for r in good], _rate),
-                _rate(rate * corpus.bytes / corpus.count / 1e6) if rate else "-",
-                ratio,
-                _med(cpu, "{:.3g}".format),
-            ]
-            if "router+dead" in cases:
-                live = rates.get("router")
-                cells.append(
-                    f"{rate / live:.2f}" if case == "router+dead" and rate and live else ""
-                )
-            lines.append("| " + " | ".join(cells) + " |")
-            for r in mine:
-                if not r.ok:
-                    notes.append(
-                        f"- {corpus.shape} {case} rep {r.rep} failed: {r.error.splitlines()[0]}"
-                    )
-            if good and case != "none":
-                split: dict[str, list[float]] = {}
-                for r in good:
-                    for role, seconds in r.router_cpu_by_process.items():
-                        split.setdefault(role, []).append(seconds / corpus.count * 1000)
-                parts = ", ".join(
-                    f"{role} {statistics.median(v):.2f}" for role, v in sorted(split.items())
-                )
-                sink_cpu = statistics.median(r.sink_cpu_s for r in good) / corpus.count * 1000
-                notes.append(
-                    f"- {corpus.shape} {case}: router CPU ms/inst by process: {parts}; "
-                    f"sink {sink_cpu:.2f}"
-                )
+def _paired(runs: list[Run], corpus: Corpus, a: str, b: str, key: Callable[[Run], float]) -> list:
+    """key(a) / key(b) for every repetition where both succeeded."""
+    by_rep: dict[int, dict[str, Run]] = {}
+    for r in runs:
+        if r.corpus == corpus.shape and r.ok:
+            by_rep.setdefault(r.rep, {})[r.case] = r
+    return [key(c[a]) / key(c[b]) for c in by_rep.values() if a in c and b in c and key(c[b])]
+
+
+def _verdict(value: float, target: float, at_least: bool) -> str:
+    met = value >= target if at_least else value <= target
+    return f"{value:.2f} {'>=' if at_least else '<='} {target:g}: {'met' if met else 'MISSED'}"
+
+
+def corpus_table(runs: list[Run], corpus: Corpus, cases: list[str]) -> str:
+    shape = corpus.shape
+    size = corpus.bytes / corpus.count / 1e3
+    head = ["case", "ok", "send s", "last arrival s", "ack->arrival s", "inst/s", "MB/s",
+            "router / this (target)", "CPU ms/inst", "router CPU / this (target)"]  # fmt: skip
+    lines = [
+        f"### {shape} ({corpus.count} x {size:,.0f} KB, {corpus.bytes / 1e6:,.1f} MB)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    notes: list[str] = []
+    verdicts: list[str] = []
+    rate_targets = {"none": TARGET_NONE, "orthanc": TARGET_ORTHANC}
+    names = {"none": "no router", "orthanc": "Orthanc", "naive": "naive"}
+    for case in cases:
+        mine = [r for r in runs if (r.case, r.corpus) == (case, shape)]
+        good = [r for r in mine if r.ok]
+        ratio, cpu_ratio = "-", "-"
+        if case != "router" and "router" in cases:
+            paired = _paired(runs, corpus, "router", case, lambda r: 1 / r.total_s)
+            target = rate_targets.get(case, {}).get(shape)
+            if paired:
+                ratio = _med(paired) + (f" (>= {target:g})" if target else "")
+                if target and case in names:
+                    med = statistics.median(paired)
+                    verdicts.append(f"router / {names[case]} {_verdict(med, target, True)}")
+            if case != "none":
+                paired_cpu = _paired(runs, corpus, "router", case, lambda r: r.cpu_s)
+                target = TARGET_CPU_NAIVE.get(shape) if case == "naive" else None
+                if paired_cpu:
+                    cpu_ratio = _med(paired_cpu) + (f" (<= {target:g})" if target else "")
+                    if target:
+                        med = statistics.median(paired_cpu)
+                        verdicts.append(f"router CPU / naive CPU {_verdict(med, target, False)}")
+        cpu = [r.cpu_s / corpus.count * 1000 for r in good if case != "none"]
+        cells = [
+            case,
+            f"{len(good)}/{len(mine)}",
+            _med([r.send_s for r in good]),
+            _med([r.arrival_s for r in good]),
+            _med([r.arrival_s - r.send_s for r in good], "{:+.2f}".format, " .. "),
+            _med([corpus.count / r.total_s for r in good], _rate),
+            _med([corpus.bytes / r.total_s / 1e6 for r in good], _rate),
+            ratio,
+            _med(cpu, "{:.3g}".format),
+            cpu_ratio,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+        for r in mine:
+            if not r.ok:
+                notes.append(f"- {case} rep {r.rep} failed: {r.error.splitlines()[0]}")
+        if good and case != "none":
+            split: dict[str, list[float]] = {}
+            for r in good:
+                for role, seconds in r.cpu_by_process.items():
+                    split.setdefault(role, []).append(seconds / corpus.count * 1000)
+            parts = ", ".join(
+                f"{role} {statistics.median(v):.2f}" for role, v in sorted(split.items())
+            )
+            sink_cpu = statistics.median(r.sink_cpu_s for r in good) / corpus.count * 1000
+            notes.append(f"- {case}: CPU ms/inst by process: {parts}; sink {sink_cpu:.2f}")
+    if "router+dead" in cases and "router" in cases:
+        paired = _paired(runs, corpus, "router+dead", "router", lambda r: 1 / r.total_s)
+        if paired:
+            notes.append(f"- router+dead / router, instances/s: {_med(paired)}")
+    if verdicts:
+        notes.insert(0, "- targets: " + "; ".join(verdicts))
     return "\n".join([*lines, "", *notes])
+
+
+def table(runs: list[Run], corpora: list[Corpus], cases: list[str]) -> str:
+    return "\n\n".join(corpus_table(runs, corpus, cases) for corpus in corpora)
 
 
 # ------------------------------------------------------------------ main
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--corpora", default="tiny,ct,big")
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--workers", type=int, help="serve --workers (default: the node's)")
-    parser.add_argument("--listeners", type=int, help="serve --listeners (default: the node's)")
-    parser.add_argument(
-        "--max-associations",
-        type=int,
-        default=1,
-        help="per destination (default 1; > 1 runs the sink storescp with --fork)",
-    )
-    parser.add_argument("--dead-destinations", action="store_true")
-    parser.add_argument("--cases", help="a subset of none,router,router+dead (default: all)")
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    """Options bench_scaling.py shares."""
     parser.add_argument("--timeout", type=float, default=900.0, help="per run, seconds")
     parser.add_argument(
         "--stall",
@@ -497,24 +511,50 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--results", type=Path, help="append one JSON line per run")
     parser.add_argument("--corpus-root", type=Path, default=DEFAULT_ROOT)
-    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK)
     parser.add_argument("--keep", action="store_true", help="keep run directories and logs")
-    args = parser.parse_args(argv)
-    shapes = args.corpora.split(",")
-    unknown = sorted(set(shapes) - set(SHAPES))
-    if unknown:
-        parser.error(f"unknown corpus shape(s): {', '.join(unknown)}")
+
+
+def check_tools(parser: argparse.ArgumentParser) -> None:
     if not Path(ROUTER).exists():
         parser.error(f"{ROUTER} not found: run with the project's virtual environment")
     for tool in ("storescu", "storescp", "echoscu"):
         if shutil.which(tool) is None:
             parser.error(f"DCMTK {tool} not found (apt-get install dcmtk)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--corpora", default="tiny,ct,big")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument(
+        "--cases", default=DEFAULT_CASES, help=f"a subset of {','.join(CASES)} (in that order)"
+    )
+    parser.add_argument("--dead-destinations", action="store_true", help="add router+dead")
+    parser.add_argument("--workers", type=int, help="serve --workers (default: the node's)")
+    parser.add_argument("--listeners", type=int, help="serve --listeners (default: the node's)")
+    parser.add_argument(
+        "--max-associations",
+        type=int,
+        default=1,
+        help="per destination (default 1; > 1 runs the sink storescp with --fork)",
+    )
+    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK)
+    add_common_options(parser)
+    args = parser.parse_args(argv)
+    shapes = args.corpora.split(",")
+    unknown = sorted(set(shapes) - set(SHAPES))
+    if unknown:
+        parser.error(f"unknown corpus shape(s): {', '.join(unknown)}")
+    wanted = set(args.cases.split(",")) | ({"router+dead"} if args.dead_destinations else set())
+    if wanted - set(CASES):
+        parser.error(f"--cases: unknown {', '.join(sorted(wanted - set(CASES)))}")
+    cases = [c for c in CASES if c in wanted]
+    check_tools(parser)
+    if "orthanc" in cases and (missing := orthanc_missing()):
+        sys.exit(f"bench_e2e: {missing}")
     os.environ.update(NODELAY_ENV)  # every DCMTK process, echoscu's readiness checks too
-    cases = ["none", "router"] + (["router+dead"] if args.dead_destinations else [])
-    if args.cases:
-        cases = [c for c in cases if c in args.cases.split(",")]
-        if not cases:
-            parser.error("--cases: none of none,router,router+dead (the last with its flag)")
     corpora = [ensure_corpus(shape, args.corpus_root) for shape in shapes]
     args.work_dir.mkdir(parents=True, exist_ok=True)
     load0 = Path("/proc/loadavg").read_text().split()[0]
@@ -524,37 +564,16 @@ def main(argv: list[str] | None = None) -> int:
             for case in cases:
                 run = one_run(case, corpus, rep, args.work_dir, args)
                 runs.append(run)
-                if run.ok:
-                    cpu = (
-                        f", router CPU {run.router_cpu_s / corpus.count * 1000:.2f} ms/inst"
-                        if case != "none"
-                        else ""
-                    )
-                    print(
-                        f"{corpus.shape} rep {rep} {case}: send {run.send_s:.2f} s, "
-                        f"last arrival {run.arrival_s:.2f} s, "
-                        f"{corpus.count / run.total_s:,.0f} inst/s{cpu} "
-                        f"(load {run.loadavg:.1f})",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                else:
-                    print(f"{corpus.shape} rep {rep} {case}: FAILED {run.error}", file=sys.stderr)
-                if args.results:
-                    record = {
-                        k: (None if isinstance(v, float) and v != v else v)
-                        for k, v in asdict(run).items()
-                    }
-                    with args.results.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
+                print(progress_line(run, corpus), file=sys.stderr, flush=True)
+                save(run, args.results)
     settings = [
-        f"workers {args.workers if args.workers is not None else 'default'}",
+        f"router workers {args.workers if args.workers is not None else 'default'}",
         f"listeners {args.listeners if args.listeners is not None else 'default'}",
         f"max-associations {args.max_associations}",
         f"reps {args.reps}",
         f"load average at start {load0}",
     ]
-    print(f"End to end, DCMTK storescu -> router -> DCMTK storescp ({', '.join(settings)}):\n")
+    print(f"## End to end, DCMTK storescu -> system -> DCMTK storescp ({', '.join(settings)})\n")
     print(table(runs, corpora, cases))
     return 0 if all(r.ok for r in runs) else 1
 
