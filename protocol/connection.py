@@ -201,6 +201,7 @@ class Connection:
         self._close = False
         self._rq: AAssociateRQ | None = None
         self._rq_bytes = b""
+        self._provider_rejection: tuple[AAssociateRQ, AAssociateRJ] | None = None
         self._ac: AAssociateAC | None = None
         self._contexts: dict[int, tuple[str, str]] = {}
         self._peer_max = 0
@@ -214,6 +215,12 @@ class Connection:
     @property
     def state(self) -> State:
         return self._state
+
+    @property
+    def provider_rejection(self) -> tuple[AAssociateRQ, AAssociateRJ] | None:
+        """The request the UL provider refused itself (AE-6 "otherwise": PS3.8 9.3.2,
+        protocol version; no indication goes to the user) and the RJ sent: for the log."""
+        return self._provider_rejection
 
     @property
     def artim_running(self) -> bool:
@@ -469,6 +476,7 @@ class Connection:
         else:
             reason = RejectReason.PROTOCOL_VERSION_NOT_SUPPORTED
         rj = AAssociateRJ(RejectResult.PERMANENT, RejectSource.SERVICE_PROVIDER_ACSE, reason)
+        self._provider_rejection = (arg, rj)
         self._out.append(rj.encode())
         self._artim = True
         return State.Sta13

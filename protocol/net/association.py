@@ -39,7 +39,9 @@ from protocol.dimse import (
     fragment,
 )
 from protocol.errors import AbortSource, AssociationAborted, DIMSEError, ProtocolError
+from protocol.fsm import State
 from protocol.limits import Limits
+from protocol.pdu import AAssociateRJ, AAssociateRQ
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,8 @@ class AssociationProtocol(asyncio.Protocol):
         self._touch_idle()
         events = self.conn.receive_data(data)
         self._flush()
+        if self.conn.provider_rejection is not None and not self._abort_reported:
+            self._report_provider_rejection(*self.conn.provider_rejection)
         if log.isEnabledFor(logging.DEBUG):
             for event in events:
                 log.debug("%s: received %s", self.info.peer, describe_event(event))
@@ -270,6 +274,25 @@ class AssociationProtocol(asyncio.Protocol):
                 event.reason,
             )
 
+    def _report_provider_rejection(self, rq: AAssociateRQ, rj: AAssociateRJ) -> None:
+        # DESIGN §6: every refusal is one log line with the peer's address, including the
+        # ones the Upper Layer makes itself (PS3.8 9.3.2: protocol version).
+        self._abort_reported = True
+        if rq.protocol_version & 1:
+            why = "no application context name"
+        else:
+            why = f"protocol version 0x{rq.protocol_version:04X} not supported"
+        log.warning(
+            "%s: association from %r to %r rejected (result %d, source %d, reason %d): %s",
+            self.info.peer,
+            rq.calling_ae,
+            rq.called_ae,
+            rj.result,
+            rj.source,
+            rj.reason,
+            why,
+        )
+
     # -- timers -----------------------------------------------------------------------
     def _sync_artim(self) -> None:
         running = self.conn.artim_running
@@ -281,7 +304,16 @@ class AssociationProtocol(asyncio.Protocol):
 
     def _artim_expired(self) -> None:
         self._artim = None
-        log.info("%s: ARTIM timer expired", self.info.peer or "peer")
+        if self.conn.state is State.Sta2:
+            # Catalogue MP-09: a peer that connects and never completes an A-ASSOCIATE-RQ
+            # (slow loris) is a bad peer: one WARNING naming it (PS3.8 9.1.5, AA-2).
+            log.warning(
+                "%s: no A-ASSOCIATE-RQ within %.0f s (ARTIM), closing",
+                self.info.peer,
+                self.timeouts.artim,
+            )
+        else:
+            log.info("%s: ARTIM timer expired", self.info.peer or "peer")
         for event in self.conn.timer_expired():
             self._dispatch(event)
         self._flush()

@@ -485,6 +485,10 @@ def test_MP_14_protocol_version_without_bit_0_is_rejected() -> None:
     assert conn.receive_data(_rq_with_version(0)) == []  # AE-6 "otherwise": no indication
     assert drain(conn) == bytes.fromhex("03 00 00000004 00 01 02 02")  # RJ (1, 2, 2)
     assert conn.state is State.Sta13 and conn.artim_running
+    # No indication, but the edge can still log the refusal with the peer's address.
+    assert conn.provider_rejection is not None
+    rq, rj = conn.provider_rejection
+    assert rq.protocol_version == 0 and (rj.result, rj.source, rj.reason) == (1, 2, 2)
 
 
 def test_empty_application_context_name_is_refused_by_the_provider() -> None:

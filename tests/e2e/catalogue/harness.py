@@ -246,18 +246,69 @@ def store_pdata(
     return pdus
 
 
-def parse_command_status(pdata: bytes) -> int | None:
-    """The (0000,0900) Status of a P-DATA-TF carrying one whole command set, or None."""
-    body = pdata[6:]
-    data = body[6:] if len(body) >= 6 else b""
+def command_status(command: bytes) -> int | None:
+    """The (0000,0900) Status of an Implicit VR LE command set, or None."""
     offset = 0
-    while offset + 8 <= len(data):
-        group, elem, length = struct.unpack_from("<HHI", data, offset)
-        value = data[offset + 8 : offset + 8 + length]
+    while offset + 8 <= len(command):
+        group, elem, length = struct.unpack_from("<HHI", command, offset)
+        value = command[offset + 8 : offset + 8 + length]
         if group == 0 and elem == 0x0900 and length == 2:
             return int(struct.unpack("<H", value)[0])
         offset += 8 + length
     return None
+
+
+def pdvs_of(pdata: bytes) -> list[tuple[int, int, bytes]]:
+    """(context id, control header, data) of each PDV of a whole P-DATA-TF PDU."""
+    out, body, offset = [], pdata[6:], 0
+    while offset + 6 <= len(body):
+        length = int.from_bytes(body[offset : offset + 4], "big")
+        out.append((body[offset + 4], body[offset + 5], body[offset + 6 : offset + 4 + length]))
+        offset += 4 + length
+    return out
+
+
+def parse_command_status(pdata: bytes) -> int | None:
+    """The Status of a P-DATA-TF PDU carrying one whole command set, or None."""
+    return command_status(b"".join(data for _, control, data in pdvs_of(pdata) if control & 1))
+
+
+def items_of(body: bytes) -> list[tuple[int, bytes]]:
+    """(type, body) of each item in ``body`` (no checks beyond what parsing needs)."""
+    out, offset = [], 0
+    while offset + 4 <= len(body):
+        length = int.from_bytes(body[offset + 2 : offset + 4], "big")
+        out.append((body[offset], body[offset + 4 : offset + 4 + length]))
+        offset += 4 + length
+    return out
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """What an A-ASSOCIATE-AC says (PS3.8 9.3.3): context results and max length."""
+
+    contexts: list[tuple[int, int, str]]  # (id, result, transfer syntax)
+    max_pdu: int | None
+
+    def result(self, context_id: int) -> int:
+        found = [r for cid, r, _ in self.contexts if cid == context_id]
+        assert len(found) == 1, f"context {context_id}: {self.contexts}"
+        return found[0]
+
+
+def parse_ac(ac: bytes) -> Accepted:
+    assert ac[0] == 0x02, f"not an A-ASSOCIATE-AC: {ac[:10].hex(' ')}"
+    contexts: list[tuple[int, int, str]] = []
+    max_pdu = None
+    for item_type, body in items_of(ac[6 + 68 :]):
+        if item_type == 0x21:
+            ts = b"".join(b for t, b in items_of(body[4:]) if t == 0x40)
+            contexts.append((body[0], body[2], ts.rstrip(b"\x00").decode(errors="replace")))
+        elif item_type == 0x50:
+            for sub_type, sub in items_of(body):
+                if sub_type == 0x51:
+                    max_pdu = int.from_bytes(sub, "big")
+    return Accepted(contexts, max_pdu)
 
 
 # --------------------------------------------------------------------------------------
@@ -442,12 +493,23 @@ class RawPeer:
         assert pdu_type == 0x02, f"expected A-ASSOCIATE-AC, got {pdu(pdu_type, body).hex(' ')}"
         return pdu(0x02, body)
 
+    def recv_command(self, within: float = 10.0) -> bytes:
+        """P-DATA-TF PDUs until a command's last fragment; the command set's bytes (the
+        node fragments to the Maximum Length we announced: catalogue MP-24)."""
+        command = b""
+        while True:
+            frame = self.recv_pdu_bytes(within)
+            assert frame[0] == 0x04, f"{self.address}: expected P-DATA-TF, got {frame.hex(' ')}"
+            for _, control, data in pdvs_of(frame):
+                if control & COMMAND:
+                    command += data
+                    if control & LAST:
+                        return command
+
     def echo(self, message_id: int = 1, context_id: int = 1) -> int | None:
         """A C-ECHO on an established association; returns its status."""
         self.send(p_data_tf(pdv(context_id, COMMAND_LAST, c_echo_rq(message_id))))
-        pdu_type, body = self.recv_pdu()
-        assert pdu_type == 0x04, f"expected P-DATA-TF, got type {pdu_type:#04x}"
-        return parse_command_status(pdu(pdu_type, body))
+        return command_status(self.recv_command())
 
     def release(self) -> None:
         """A-RELEASE-RQ, expect A-RELEASE-RP, close."""
