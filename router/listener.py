@@ -47,6 +47,8 @@ SOP_CLASS_UID = 0x00080016
 SOP_INSTANCE_UID = 0x00080018
 STUDY_INSTANCE_UID = 0x0020000D
 _ALWAYS_WANTED = frozenset({SOP_CLASS_UID, SOP_INSTANCE_UID, STUDY_INSTANCE_UID})
+#: How often (in data set bytes) a store in progress checks the spool's room again.
+ROOM_CHECK_BYTES = 1 << 20
 
 
 class RuleCache:
@@ -242,6 +244,7 @@ class IngestSink:
         self._size = 0
         self._error: str | None = None
         self._submitted = False
+        self._next_room_check = ROOM_CHECK_BYTES  # on_store checked the room at 0
         meta = build_file_meta(
             request.affected_sop_class_uid,
             request.affected_sop_instance_uid,
@@ -259,6 +262,13 @@ class IngestSink:
             view = view[written:]
 
     def write(self, data: bytes | memoryview) -> None:
+        if self._size >= self._next_room_check:
+            # Catalogue RX-09/RX-13: a data set that never ends (or a disk filling up
+            # under a big one) stops growing at the spool's high-water mark, within
+            # ROOM_CHECK_BYTES plus one fragment; SpoolFull (an OSError) makes the server
+            # discard this file and answer 0xA700 once the data set ends.
+            self._next_room_check = self._size + ROOM_CHECK_BYTES
+            self._node.spool.check_room()
         self._write(data)
         self._size += len(data)
         self._digest.update(data)

@@ -223,6 +223,8 @@ async def run_listener(
         dimse=listener.dimse_timeout,
         artim=listener.acse_timeout,
         idle=listener.idle_timeout,
+        pdu=listener.pdu_timeout,
+        write=listener.write_timeout,
     )
     gate = known_sources_gate(lambda: rules.sources) if listener.accept == "known" else None
     mode = settings.security.user_identity

@@ -39,6 +39,12 @@ class ListenerSettings:
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     idle_timeout: float = 300.0
+    # The rest of a PDU once its first bytes arrived, as one absolute deadline (a peer
+    # trickling bytes is cut off, catalogue RX-02/RX-03): with 120 s and the 262,144-byte
+    # PDU we announce, links down to about 2.2 KB/s are served. And a peer that stops
+    # reading our responses (zero window) for write_timeout seconds is aborted.
+    pdu_timeout: float = 120.0
+    write_timeout: float = 60.0
     # "unrouted": keep an instance no rule matched and log a warning; "reject": refuse it.
     unrouted_policy: str = "unrouted"
     # The longest a finished instance waits for the next group commit (seconds).
@@ -312,6 +318,9 @@ def _validate(settings: Settings) -> None:
     for name in ("connect_timeout", "acse_timeout", "dimse_timeout"):
         if not getattr(settings.workers, name) > 0:
             raise SettingsError(f"workers.{name} must be positive")
+    for name in ("pdu_timeout", "write_timeout"):
+        if not getattr(listener, name) > 0:
+            raise SettingsError(f"listener.{name} must be positive")
     if listener.max_pdu_length != 0 and listener.max_pdu_length < 4096:
         raise SettingsError("listener.max_pdu_length must be 0 (unlimited) or at least 4096")
     if not 0 <= settings.metrics.port <= 65535:

@@ -146,6 +146,8 @@ class AssociationProtocol(asyncio.Protocol):
         self._cancel_timers()
         if self._writable is not None and not self._writable.done():
             self._writable.set_exception(ConnectionResetError("connection lost"))
+            # A waiter (drain) gets it; with none, asyncio must not log it as an ERROR.
+            self._writable.exception()
         self.on_closed()
         if not self.closed.done():
             self.closed.set_result(None)
@@ -337,6 +339,7 @@ class AssociationProtocol(asyncio.Protocol):
 
     def _write_stalled(self) -> None:
         self._write_deadline = None
+        self._abort_reported = True  # this is the line; the lost transport adds none
         log.warning(
             "%s: peer stopped reading for %.0f s, aborting",
             self.info.peer,
