@@ -221,6 +221,21 @@ class GroupCommitter:
         return results
 
 
+SERIES_INSTANCE_UID = 0x0020000E
+#: Data set UIDs the node records besides the command's (catalogue PT-02, DS-10).
+_CHECKED_UIDS = {STUDY_INSTANCE_UID: "Study", SERIES_INSTANCE_UID: "Series"}
+
+
+def _could_be_uid(values: tuple[str, ...]) -> bool:
+    """One value of digits and periods, at most 64 characters, no empty component
+    (PS3.5 9.1). Leading zeros, which some old devices write, are let through: a router
+    refusing a study for them would stall the modality's queue over nothing."""
+    if len(values) != 1 or not 0 < len(values[0]) <= 64:
+        return False
+    components = values[0].split(".")
+    return all(c.isascii() and c.isdigit() for c in components)
+
+
 class IngestSink:
     """Receives one C-STORE dataset into the spool; ``finish`` makes it durable."""
 
@@ -238,7 +253,7 @@ class IngestSink:
         self._transfer_syntax = transfer_syntax
         self._temp = temp
         self._rules = node.rules.rules
-        wanted = self._rules.wanted_tags | _ALWAYS_WANTED
+        wanted = self._rules.wanted_tags | _ALWAYS_WANTED | _CHECKED_UIDS.keys()
         self._walker = DatasetWalker(transfer_syntax, wanted, self._rules.wanted_sequence_tags)
         self._digest = hashlib.sha256()
         self._size = 0
@@ -324,6 +339,11 @@ class IngestSink:
             return StoreOutcome(
                 DATASET_DOES_NOT_MATCH_SOP_CLASS, "data set UIDs differ from the command"
             )
+        for tag, name in _CHECKED_UIDS.items():
+            # Absent is allowed (DS-09); present, it must be a UID: never ``..`` or a path
+            # in the database and audit records (PT-02), nor 65+ characters (DS-10).
+            if tag in values and not _could_be_uid(values[tag]):
+                return StoreOutcome(CANNOT_UNDERSTAND, f"invalid {name} Instance UID")
         facts = InstanceFacts(
             values, self._info.calling_ae, self._info.called_ae, self._info.peer_host
         )
