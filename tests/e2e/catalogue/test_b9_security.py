@@ -1,0 +1,282 @@
+"""Catalogue B.9 (SEC) against a live node with ``accept = "known"``: AE title checks
+and address pinning (SEC-01..04), operations per peer (SEC-05), a TLS client on the plain
+port (SEC-11), the audit trail (SEC-16), PHI canaries (SEC-17), log forging (SEC-18)
+and metacharacters stored and matched literally (SEC-19).
+
+User identity (SEC-06..08) is in test_b9_security_identity.py, TLS on the listener and
+towards destinations (SEC-10, 12..15) in test_b9_security_tls.py: their nodes refuse
+the invariant's plain, identity-less good peers. SEC-09 and SEC-20 are P2 and not
+cases here (the rate limit of SEC-09 does not exist; `dicom-router check` covers the
+file modes of SEC-20, tests/unit/test_check.py).
+
+The module's node knows the sources GOODSCU, GOODECHO and E2E-SCU (the good peers,
+any address), PINNED (only from 10.9.9.9) and a source whose AE title holds shell
+metacharacters; a rule "meta" matches a PatientName full of SQL metacharacters.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import ssl
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from harness import ABORT_1, HOST, RawPeer, catalogue_dataset
+
+from tests.e2e.catalogue.conftest import CatalogueNode
+from tests.e2e.ingest_support import require_dcmtk, write_part10
+
+ARTIM = 2.0
+WITHIN = 15.0  # seconds for an answer on a loaded machine (not what is tested)
+SHELL_AET = "A;$(touch X)`"  # 13 characters, legal in an AE title (PS3.5 AE: no \\ or controls)
+SQL_NAME = "x'); DROP TABLE jobs;--"
+CANARY_NAME, CANARY_ID = "CANARY^PHI", "PHI-CANARY-123"
+
+
+@pytest.fixture(scope="module")
+def catalogue_node(
+    tmp_path_factory: pytest.TempPathFactory, configured_data_dir: Path
+) -> Iterator[CatalogueNode]:
+    env = {
+        "DICOM_ROUTER_LISTENER_ACSE_TIMEOUT": str(ARTIM),
+        "DICOM_ROUTER_LISTENER_ACCEPT": "known",
+        "DICOM_ROUTER_EVENT_LOOP": "asyncio",
+    }
+    node = CatalogueNode(tmp_path_factory.mktemp("catalogue-sec"), env)
+    shutil.copytree(configured_data_dir, node.data_dir, symlinks=True)
+    _configure(node)
+    try:
+        node.start()
+        node.good_store(2)
+        node.good_echo()
+        yield node
+    finally:
+        node.kill()
+
+
+def _configure(node: CatalogueNode) -> None:
+    """Sources, a destination and a rule, through the repository (what the CLI calls;
+    the CLI's own tests cover the commands, and each process start costs seconds here)."""
+    from router.db import Repository, make_engine
+    from router.rules import RuleSpec, parse_condition
+
+    engine = make_engine(f"sqlite:///{node.db_path}")
+    try:
+        repository = Repository(engine)
+        for source in ("GOODSCU", "GOODECHO", "E2E-SCU", "MODALITY", SHELL_AET):
+            repository.add_source(source)
+        repository.add_source("PINNED", ["10.9.9.9"])
+        repository.add_destination("meta", "META", HOST, 9)
+        condition = parse_condition(f"PatientName == {SQL_NAME}")
+        repository.add_rule(RuleSpec("meta", 100, True, False, (condition,), ("meta",)))
+    finally:
+        engine.dispose()
+
+
+def _audit(node: CatalogueNode) -> list[dict[str, object]]:
+    path = node.data_dir / "audit" / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _store(node: CatalogueNode, tmp: Path, calling: str, **attributes: str) -> str:
+    ds = catalogue_dataset()
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    path = write_part10(ds, tmp / f"{ds.SOPInstanceUID}.dcm")
+    argv = [require_dcmtk("storescu"), "-aet", calling, "-aec", "ROUTER", HOST, str(node.port)]
+    result = subprocess.run([*argv, str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return str(ds.SOPInstanceUID)
+
+
+# -- SEC-01..04: AE titles and addresses ---------------------------------------------------
+def test_sec_01_unknown_calling_ae_is_rejected_1_1_3_and_audited(catalogue_node, invariant):
+    before = len(_audit(catalogue_node))
+    invariant.expect_warning(r"rejected \(result 1, source 1, reason 3\)")
+    with invariant.during(), RawPeer(HOST, catalogue_node.port) as peer:
+        peer.send(_rq(calling="STRANGER"))
+        peer.expect_reject(1, 1, 3, WITHIN)
+    new = _audit(catalogue_node)[before:]
+    refused = [r for r in new if r["event"] == "association-refused"]
+    assert len(refused) == 1 and "STRANGER" in json.dumps(refused[0])
+    event = refused[0]["EventIdentification"]
+    assert event["EventID"]["csd-code"] == "110113"  # type: ignore[index]
+    assert any(r["event"] == "authentication-failure" for r in new)
+
+
+def test_sec_02_wrong_called_ae_is_rejected_1_1_7(catalogue_node, invariant):
+    invariant.expect_warning(r"rejected \(result 1, source 1, reason 7\)")
+    with RawPeer(HOST, catalogue_node.port) as peer:
+        peer.send(_rq(called="NOTROUTER", calling="GOODSCU"))
+        peer.expect_reject(1, 1, 7, WITHIN)
+
+
+def test_sec_03_known_calling_ae_from_another_address_is_rejected_1_1_3(catalogue_node, invariant):
+    invariant.expect_warning(r"rejected \(result 1, source 1, reason 3\)")
+    with RawPeer(HOST, catalogue_node.port) as peer:
+        peer.send(_rq(calling="PINNED"))
+        peer.expect_reject(1, 1, 3, WITHIN)
+
+
+@pytest.mark.parametrize(
+    ("called", "calling", "expected"),
+    [
+        (b"ROUTER          ", b"GOODSCU         ", None),
+        (b"  ROUTER        ", b"GOODSCU         ", None),  # leading spaces: not significant
+        (b"ROUTER          ", b"   GOODSCU      ", None),
+        (b"router          ", b"GOODSCU         ", (1, 1, 7)),  # case-sensitive
+        (b"ROUTER          ", b"goodscu         ", (1, 1, 3)),
+        (b" " * 16, b"GOODSCU         ", (1, 1, 7)),  # an all-space title never matches
+        (b"ROUTER          ", b" " * 16, (1, 1, 3)),
+    ],
+    ids=["exact", "leading-called", "leading-calling", "lower-called", "lower-calling",
+         "blank-called", "blank-calling"],
+)  # fmt: skip
+def test_sec_04_ae_comparison(catalogue_node, invariant, called, calling, expected):
+    """Spaces around an AE title are not significant (PS3.5 AE); otherwise the match is
+    exact and case-sensitive (README, Security); an all-space title never matches."""
+    if expected is None:
+        invariant.expect_no_warning()
+    else:
+        invariant.expect_warning(rf"rejected \(result 1, source 1, reason {expected[2]}\)")
+    with RawPeer(HOST, catalogue_node.port) as peer:
+        peer.send(_rq(called_raw=called, calling_raw=calling))
+        if expected is None:
+            pdu_type, _ = peer.recv_pdu(WITHIN)
+            assert pdu_type == 0x02
+            peer.release()
+        else:
+            peer.expect_reject(*expected, WITHIN)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="no per-peer operations: a known source may always C-STORE once it may "
+    "associate (sources add has no way to allow C-ECHO and not C-STORE; neither storage "
+    "contexts rejected with result 1 nor C-STORE answered 0x0124 is possible)",
+)
+def test_sec_05_a_peer_allowed_to_echo_but_not_to_store(catalogue_node):
+    result = catalogue_node.cli("sources", "add", "ECHOONLY", "--allow", "echo", check=False)
+    assert result.returncode == 0, result.stderr
+
+
+# -- SEC-11: TLS on the plain port ----------------------------------------------------------
+def _client_hello() -> bytes:
+    """A real TLS ClientHello, as Python's ssl module would send it."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def test_sec_11_tls_client_on_the_plain_port_gets_abort_1(catalogue_node, invariant):
+    """= MP-07 with a genuine ClientHello: PDU type 0x16 in Sta2 is AA-1."""
+    hello = _client_hello()
+    assert hello[0] == 0x16
+    with RawPeer(HOST, catalogue_node.port) as peer:
+        peer.send(hello)
+        peer.expect_abort_and_close(ABORT_1, WITHIN)
+
+
+# -- SEC-16: the audit trail ---------------------------------------------------------------
+def test_sec_16_audit_trail_of_the_node(catalogue_node, invariant, tmp_path):
+    """Accepted and refused associations, instances received and the application start
+    are DICOM audit records (PS3.15 A.5) with the peer's address. Instances forwarded and
+    the syslog transport are covered by tests/e2e/test_audit.py and tests/unit/test_audit.py
+    (this node has no workers)."""
+    invariant.expect_warning(r"rejected \(result 1, source 1, reason 3\)")
+    before = len(_audit(catalogue_node))
+    uid = _store(catalogue_node, tmp_path, "GOODSCU")
+    invariant.acknowledged(uid)
+    with RawPeer(HOST, catalogue_node.port) as peer:
+        peer.send(_rq(calling="NOBODY"))
+        peer.expect_reject(1, 1, 3, WITHIN)
+    records = _audit(catalogue_node)
+    events = {str(r["event"]) for r in records[before:]}
+    assert {"association-accepted", "association-refused", "instance-received"} <= events
+    assert "application-start" in {str(r["event"]) for r in records} or any(
+        r["EventIdentification"]["EventID"]["csd-code"] == "110100"  # type: ignore[index]
+        for r in records
+    )
+    received = [r for r in records[before:] if r["event"] == "instance-received"]
+    assert uid in json.dumps(received) and HOST in json.dumps(received)
+
+
+# -- SEC-17: PHI canary --------------------------------------------------------------------
+def test_sec_17_phi_canary_never_in_logs_or_cli_output(catalogue_node, invariant, tmp_path):
+    """The node logs at -v (INFO); the canary's name and ID appear nowhere in its log, in
+    the CLI's default output or in the audit trail (UIDs only)."""
+    uid = _store(catalogue_node, tmp_path, "GOODSCU", PatientName=CANARY_NAME, PatientID=CANARY_ID)
+    invariant.acknowledged(uid)
+    probe = write_part10(_canary(), tmp_path / "probe.dcm")  # the canary for `rules test`
+    outputs = [
+        catalogue_node.cli("queue", "list", "--json").stdout,
+        catalogue_node.cli("audit", "show").stdout,
+        catalogue_node.cli("rules", "test", str(probe)).stdout,
+    ]
+    text = catalogue_node.log_since(0) + "".join(outputs)
+    text += (catalogue_node.data_dir / "audit" / "audit.jsonl").read_text()
+    for canary in (CANARY_NAME, CANARY_ID, "CANARY PHI"):
+        assert canary not in text
+
+
+def _canary():  # type: ignore[no-untyped-def]
+    ds = catalogue_dataset()
+    ds.PatientName, ds.PatientID = CANARY_NAME, CANARY_ID
+    return ds
+
+
+# -- SEC-18: log forging -------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "calling", [b"EVIL\nINFO fake  ", b"\x1b[31mRED\x1b[0m  \r"], ids=["newline", "ansi"]
+)
+def test_sec_18_peer_text_is_escaped_in_the_log(catalogue_node, invariant, calling):
+    """An AE title with a newline or terminal escapes: refused (not a source), and its
+    one log record shows it repr-escaped on one line; no forged line appears."""
+    invariant.expect_warning(r"rejected \(result 1, source 1, reason 3\)")
+    offset = catalogue_node.log_size()
+    with RawPeer(HOST, catalogue_node.port) as peer:
+        peer.send(_rq(calling_raw=calling.ljust(16)[:16]))
+        peer.expect_reject(1, 1, 3, WITHIN)
+    text = catalogue_node.log_since(offset)
+    assert "\x1b" not in text and "\r" not in text
+    assert not any(line.startswith("INFO fake") for line in text.splitlines())
+
+
+# -- SEC-19: metacharacters ----------------------------------------------------------------
+def test_sec_19_sql_and_shell_metacharacters_are_literal(catalogue_node, invariant, tmp_path):
+    """A PatientName full of SQL metacharacters matches the rule that names it, as text;
+    a calling AE title with shell metacharacters is a known source, stored as given, and
+    no shell ever runs it."""
+    matched = _store(catalogue_node, tmp_path, SHELL_AET, PatientName=SQL_NAME)
+    other = _store(catalogue_node, tmp_path, "GOODSCU", PatientName="x")
+    invariant.acknowledged(matched)
+    invariant.acknowledged(other)
+    rows = catalogue_node.query(
+        "select i.sop_instance_uid, i.calling_aet, d.name from instances i"
+        " left join jobs j on j.instance_id = i.id"
+        " left join destinations d on d.id = j.destination_id"
+        " where i.sop_instance_uid in (?, ?)",
+        matched,
+        other,
+    )
+    by_uid: dict[str, set[object]] = {}
+    for uid, _, name in rows:
+        by_uid.setdefault(str(uid), set()).add(name)
+    assert "meta" in by_uid[matched] and "meta" not in by_uid[other]
+    assert {str(aet) for u, aet, _ in rows if u == matched} == {SHELL_AET}
+    assert catalogue_node.query("select count(*) from jobs")[0][0] > 0  # the table is there
+    assert not (catalogue_node.cwd / "X").exists() and not Path("X").exists()
+
+
+def _rq(**fields: object) -> bytes:
+    from harness import associate_rq
+
+    return associate_rq(**fields)  # type: ignore[arg-type]
