@@ -140,6 +140,10 @@ class AssociationProtocol(asyncio.Protocol):
         self._sync_pdu_deadline()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.conn.state is State.Sta2 and self.conn.receiving_pdu:
+            # Catalogue MP-08: a first PDU cut short by the peer is bad input, so one line
+            # names it (Evt17 in Sta2 needs no reply; a bare connect-and-close logs none).
+            log.warning("%s: closed the connection in the middle of its first PDU", self.info.peer)
         events = self.conn.connection_lost()
         for event in events:
             self._dispatch(event)
