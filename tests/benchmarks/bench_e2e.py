@@ -91,7 +91,7 @@ from peers import (
     free_port,
     start_receiver,
 )
-from suts import ROUTER, NaiveForwarder, Node, Orthanc, Router, orthanc_missing
+from suts import ROUTER, NaiveForwarder, Node, Orthanc, Router, group_cpu, orthanc_missing
 
 DEFAULT_WORK = Path("/tmp/dicom-router-bench/e2e")
 CASES = ("none", "router", "orthanc", "naive", "router+dead")
@@ -165,6 +165,12 @@ def start_system(case: str, run_dir: Path, sink_port: int, args: argparse.Namesp
     )
 
 
+def _sink_cpu(sink: Receiver) -> float:
+    """CPU seconds of the sink's process group: with --fork, storescp's children do the
+    work (reaped ones count in the parent's children's time)."""
+    return sum(group_cpu(sink.popen.pid).values())
+
+
 def _host_ticks() -> list[int]:
     """The machine's CPU ticks: user nice system idle iowait irq softirq steal."""
     return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
@@ -225,7 +231,7 @@ class SinkWatch:
         return newest / 1e9
 
 
-Sampler = Callable[[float, Node | None], None]
+Sampler = Callable[[float, Node | None, int], None]  # (t, system, instances at the sink)
 
 
 def one_run(
@@ -240,8 +246,8 @@ def one_run(
     sampler: Sampler | None = None,
 ) -> Run:
     """One timed run of ``case``: storescu (one per directory of ``sources``, all at
-    once; default: the corpus in one association) -> system -> sink. ``sampler(t, node)``
-    is called at every poll (every ~20 ms) while the run lasts."""
+    once; default: the corpus in one association) -> system -> sink. ``sampler(t, node,
+    arrived)`` is called at every poll (every ~20 ms) while the run lasts."""
     sources = sources or [corpus.directory]
     name = f"{corpus.shape}-{rep}-{case}" + (f"-{label}" if label else "")
     run_dir = work / name.replace("/", "_").replace(" ", "_")
@@ -269,7 +275,7 @@ def one_run(
         time.sleep(0.3)
         run.loadavg = float(Path("/proc/loadavg").read_text().split()[0])
         watch = SinkWatch(sink_dir, corpus.count, corpus.min_size)
-        sink_cpu0 = sink.cpu_seconds()
+        sink_cpu0 = _sink_cpu(sink)
         cpu0 = node.cpu() if node else {}
         host0 = _host_ticks()
         t0_wall = time.time()
@@ -298,10 +304,10 @@ def one_run(
                     run.send_s = now
             if run.error:
                 break
-            if sampler is not None:
-                sampler(now, node)
             if detected is None and watch.poll():
                 detected = now
+            if sampler is not None:
+                sampler(now, node, len(watch.complete))
             if len(watch.complete) > progress:
                 progress, progress_at = len(watch.complete), now
             elif now - progress_at > args.stall:
@@ -331,7 +337,7 @@ def one_run(
                 k: round(v, 3) for k, v in sorted(by_role.items()) if k != "other" or v >= 0.001
             }
             run.cpu_s = sum(by_role.values())
-        run.sink_cpu_s = sink.cpu_seconds() - sink_cpu0
+        run.sink_cpu_s = _sink_cpu(sink) - sink_cpu0
         run.instances = len(watch.complete)
         if watch.complete:
             run.arrival_s = watch.last_mtime() - t0_wall
