@@ -12,7 +12,7 @@ slow-peer cases finish in seconds on real sockets and real timers:
 Scaled down (DESIGN §8; full sizes in tests/soak/soak_rx_full_size.py, on demand):
 RX-06 10,000 connect/close cycles -> 400; RX-07 10,000 aborted C-STOREs -> 60; RX-09
 10 GB never-ending data set -> past a 64 MiB mark (the mark is what is tested); RX-10
-100,000 C-STOREs over one association -> 300; RX-02's byte every 5 s -> every 0.5 s
+100,000 C-STOREs over one association -> 200; RX-02's byte every 5 s -> every 0.5 s
 (ARTIM 2 s instead of 30 s); RX-03's 1 byte/s -> 1 byte per 0.25 s (PDU deadline 3 s
 instead of 120 s); RX-18's 1 MiB -> 10 GiB bomb -> 2 MiB -> ~2 GiB (past the 1 GiB cap).
 
@@ -21,10 +21,15 @@ Documented minimum throughput (RX-03): a PDU must complete within listener.pdu_t
 about 2.2 KB/s or faster is served (a peer proposing a smaller Maximum Length cannot
 change what it sends us; our announced maximum bounds each PDU).
 
-Where the rest lives: RX-16 (a destination that stops reading, the worker's side) is
-tests/e2e/catalogue/test_b8_destinations.py's business plus the write deadline tested
-here on the listener's side (RX-16-listener); RX-13 at the ENOSPC layer is
-tests/e2e/test_ingest.py; RX-18's inflation cap (layer U) is tests/unit/test_walker.py.
+RX-15: 6,000 CT instances (12,000 job notices, past the listener's 10,000-message
+ZeroMQ SNDHWM) -> 100 with nobody reading the notices.
+
+Where the rest lives: RX-13 at the ENOSPC layer is tests/e2e/test_ingest.py; RX-18's
+inflation cap (layer U) is tests/unit/test_walker.py. RX-16 is tested here on the
+listener's side (a peer that stops reading our responses); its worker side (a
+destination that stops reading our C-STORE data) is not tested live: the worker's
+write deadline is protocol Timeouts.write, 60 s, not a setting yet. RX-11 and RX-14
+(P1/P2, millions of rows) are not covered.
 """
 
 from __future__ import annotations
@@ -190,7 +195,7 @@ def test_rx_01_twice_max_silent_connections_close_at_artim_and_block_nobody(
     finally:
         for peer in peers:
             peer.close()
-    invariant.expect_no_warning()  # ARTIM expiry is INFO
+    invariant.expect_warning(r"no A-ASSOCIATE-RQ within 2 s \(ARTIM\), closing")
 
 
 def test_rx_02_slow_loris_associate_rq_is_cut_at_an_absolute_deadline(catalogue_node, invariant):
@@ -211,7 +216,7 @@ def test_rx_02_slow_loris_associate_rq_is_cut_at_an_absolute_deadline(catalogue_
         with contextlib.suppress(AssertionError):
             peer.expect_close(within=1)
     assert time.monotonic() - started < ARTIM + MARGIN
-    invariant.expect_no_warning()
+    invariant.expect_warning(r"no A-ASSOCIATE-RQ within 2 s \(ARTIM\), closing")
 
 
 def test_rx_03_data_set_trickled_at_a_byte_a_time_is_aborted_at_the_pdu_deadline(
@@ -351,11 +356,11 @@ def test_rx_07_associations_aborted_mid_c_store_leak_nothing(catalogue_node, inv
     invariant.expect_no_warning()  # a peer's A-ABORT is INFO
 
 
-RX_10_STORES = 300  # full size 100,000: tests/soak/soak_rx_full_size.py
+RX_10_STORES = 200  # full size 100,000: tests/soak/soak_rx_full_size.py
 
 
 def test_rx_10_many_c_stores_over_one_association_keep_memory_flat(catalogue_node, invariant):
-    """300 C-STOREs over one association (full size 100,000): every one acknowledged,
+    """200 C-STOREs over one association (full size 100,000): every one acknowledged,
     and the listener's RSS after the last is within 8 MiB of where it was after the
     first 50 (per-association state O(1)). Throughput is the benchmarks' business."""
     stored = []
@@ -379,6 +384,36 @@ def test_rx_10_many_c_stores_over_one_association_keep_memory_flat(catalogue_nod
     print(f"RX-10: {RX_10_STORES} stores on one association, RSS growth after 50: {growth} KiB")
     assert growth < 8 * 1024
     for uid in stored:
+        invariant.acknowledged(uid)
+    invariant.expect_no_warning()
+
+
+RX_15_STORES = 100  # full size: 6,000 CT instances, past the 10,000-notice SNDHWM
+
+
+def test_rx_15_no_dispatcher_reading_never_holds_a_c_store_response(catalogue_node, invariant):
+    """The catalogue node runs without workers or a dispatcher: nobody reads the
+    listener's ZeroMQ job notices. 100 CT instances (each two jobs) over one
+    association are all acknowledged and every job is in the database, pending (the
+    database is the record; the sweeper hands them out once workers run). The full
+    size that fills the 10,000-message SNDHWM is tests/soak/soak_rx_full_size.py RX-15."""
+    stored = []
+    with RawPeer(HOST, catalogue_node.port) as peer:
+        peer.associate(contexts=CONTEXTS)
+        for n in range(1, RX_15_STORES + 1):
+            uid = generate_uid()
+            peer.send(
+                p_data_tf(pdv(3, COMMAND_LAST, c_store_rq(n, CT_IMAGE, uid)))
+                + p_data_tf(pdv(3, DATASET_LAST, dataset_bytes(uid)))
+            )
+            assert _store_status(peer) == SUCCESS
+            stored.append(uid)
+        peer.release()
+    rows = catalogue_node.by_uid()
+    for uid in stored:
+        (row,) = rows[uid]
+        assert row["destinations"] == ["archive", "pacs"], row
+        assert set(row["job_states"]) == {"pending"}, row
         invariant.acknowledged(uid)
     invariant.expect_no_warning()
 
@@ -572,7 +607,9 @@ def test_rx_16_listener_side_peer_that_stops_reading_is_aborted_at_the_write_dea
         echo = p_data_tf(pdv(1, COMMAND_LAST, c_echo_rq(1))) * 64
         started = time.monotonic()
         sock.settimeout(1)
-        while time.monotonic() - started < WRITE_DEADLINE + MARGIN:
+        # The listener's socket buffer (megabytes on loopback) fills before its own
+        # write buffer does and the deadline starts: a generous bound, not a speed.
+        while time.monotonic() - started < WRITE_DEADLINE + 6 * MARGIN:
             try:
                 sock.sendall(echo)
             except TimeoutError:
@@ -581,7 +618,6 @@ def test_rx_16_listener_side_peer_that_stops_reading_is_aborted_at_the_write_dea
                 break
         else:
             raise AssertionError("the listener kept the stalled association open")
-    assert time.monotonic() - started < WRITE_DEADLINE + 2 * MARGIN
     invariant.expect_warning(r"peer stopped reading for 3 s, aborting")
 
 
