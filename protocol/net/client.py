@@ -201,7 +201,7 @@ class Association:
         async with self._lock:
             request = CStoreRQ(self._next_message_id(), sop_class_uid, sop_instance_uid, priority)
             response = await self._exchange(context_id, request, dataset)
-        return _as_store_response(response)
+        return self._answer_to(request, response)
 
     async def send_c_store_file(
         self, path: str | os.PathLike[str], *, priority: int = 0
@@ -227,7 +227,26 @@ class Association:
                     response = await self._exchange_streamed(
                         context_id, request, f, meta.dataset_offset, length
                     )
-        return _as_store_response(response)
+        return self._answer_to(request, response)
+
+    def _answer_to(self, request: CStoreRQ, response: Message) -> CStoreRSP:
+        """``response`` if it answers ``request``: a C-STORE-RSP naming its Message ID
+        and (when present) its SOP instance (PS3.7 9.3.1.2). Anything else is a DIMSE
+        violation: abort (ABORT-U) and raise, so that a status answering some other
+        request is never taken for this one's (catalogue DST-15)."""
+        if not isinstance(response, CStoreRSP):
+            problem = f"expected C-STORE-RSP, got {type(response).__name__}"
+        elif response.message_id_being_responded_to != request.message_id:
+            problem = (
+                f"C-STORE-RSP answers message {response.message_id_being_responded_to},"
+                f" not {request.message_id}"
+            )
+        elif response.affected_sop_instance_uid not in ("", request.affected_sop_instance_uid):
+            problem = "C-STORE-RSP names another Affected SOP Instance UID"
+        else:
+            return response
+        self._protocol.abort()
+        raise DIMSEError(problem)
 
     async def _exchange(
         self, context_id: int, request: Message, dataset: bytes | memoryview | None
@@ -348,12 +367,6 @@ async def associate(
         assoc.abort()
         raise NoAcceptableContext("the peer accepted none of the proposed presentation contexts")
     return Association(protocol)
-
-
-def _as_store_response(response: Message) -> CStoreRSP:
-    if not isinstance(response, CStoreRSP):
-        raise DIMSEError(f"expected C-STORE-RSP, got {type(response).__name__}")
-    return response
 
 
 def _with_max_pdu(limits: Limits, max_pdu_length: int) -> Limits:
