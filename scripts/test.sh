@@ -13,6 +13,7 @@ python=${PYTHON:-python3}
 missing=()
 command -v storescp >/dev/null 2>&1 || missing+=(dcmtk)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v strace >/dev/null 2>&1 || missing+=(strace)  # FI-04: the durable order, traced
 [ -x /usr/lib/postgresql/15/bin/initdb ] || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing system packages: ${missing[*]}"

@@ -11,15 +11,14 @@ schedule (the seed is printed, and named in every failure message).
 
 The machinery (the node, the destinations, the killer, the sender) is in
 ``crash_support.py``; at full size (200 kills of each process type during 10,000
-instances) it runs as tests/soak/crash_suite.py.
+instances) it runs as tests/soak/crash_suite.py. That children do not outlive a SIGKILLed
+supervisor is catalogue FI-09, in tests/e2e/catalogue/test_b7_faults.py.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +28,6 @@ from crash_support import (
     TARGETS,
     Node,
     StoreSCP,
-    alive,
     default_mix,
     run_crashes,
 )
@@ -74,19 +72,3 @@ def test_sigkills_during_forwarding_lose_no_acknowledged_instance(
     )
     print(run.report())
     run.check(set(TARGETS))
-
-
-def test_children_do_not_outlive_a_sigkilled_supervisor(node: Node) -> None:
-    node.cli("init")
-    node.start()
-    status = node.status()
-    assert status is not None and node.proc is not None
-    children = {p.name: p.pid for p in status.processes[1:] if p.pid is not None}
-    os.kill(node.proc.pid, signal.SIGKILL)
-    node.proc.wait(10)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(alive(pid) for pid in children.values()):
-        time.sleep(0.1)
-    survivors = sorted(name for name, pid in children.items() if alive(pid))
-    assert not survivors, f"children of the SIGKILLed supervisor still running: {survivors}"
-    node.start()  # a restarted serve comes up whole (its listener can bind the port)
