@@ -343,6 +343,23 @@ def association_refused(
     )
 
 
+def tls_refused(*, local_ae: str, peer_host: str, reason: str) -> AuditRecord:
+    """A TLS handshake that failed (a plain or old-TLS peer, a client certificate
+    missing, untrusted or expired, no handshake in time): the association was refused
+    before any A-ASSOCIATE-RQ (Security Alert, Node Authentication; SEC-10, SEC-13)."""
+    alert = f"TLS handshake failed: {reason}"
+    return AuditRecord(
+        "association-refused",
+        SECURITY_ALERT,
+        "E",
+        MINOR_FAILURE,
+        (peer_ae("", peer_host, requestor=True), this_process(local_ae)),
+        (_node(peer_host, [("Alert Description", alert)]),),
+        (NODE_AUTHENTICATION,),
+        description=alert,
+    )
+
+
 def is_authentication_failure(source: int, reason: int) -> bool:
     """A reject that says who the requestor is was not accepted (calling AE title not a
     known source, from that address): a failed authentication, beside the refusal."""

@@ -21,7 +21,7 @@ from protocol.acse import AcceptorPolicy
 from protocol.errors import RejectReason, RejectResult, RejectSource
 from protocol.limits import Limits
 from protocol.net import AssociationInfo, Timeouts
-from protocol.net.server import SCPServer
+from protocol.net.server import SCPAssociation, SCPServer
 from protocol.pdu import AAssociateRJ, AAssociateRQ
 from router.admission import NodeWideSCPServer, SharedAdmission, admission_path
 from router.audit import (
@@ -29,6 +29,7 @@ from router.audit import (
     application_activity,
     association_observer,
     authentication_failure,
+    tls_refused,
 )
 from router.db.engine import make_engine
 from router.db.migrate import check_schema
@@ -40,6 +41,7 @@ from router.metrics import mark_process_dead, prepare_multiprocess_dir
 from router.settings import ListenerSettings, Settings
 from router.spool import Spool
 from router.status import NodeStatusFile
+from router.tls_accept import start_tls_server
 from router.users import IdentityCheck
 
 log = logging.getLogger(__name__)
@@ -262,9 +264,21 @@ async def run_listener(
             max_per_ae=listener.max_associations_per_calling_ae,
         )
         server = NodeWideSCPServer(node, policy, limits, timeouts, admit, shared=admission)
-    await server.start(
-        listener.bind or None, listener.port, ssl=listener_tls(listener), reuse_port=reuse_port
-    )
+    tls = listener_tls(listener)
+    if tls is None:
+        await server.start(listener.bind or None, listener.port, reuse_port=reuse_port)
+    else:
+        # The handshake in our hands, so that a failed one is logged and audited
+        # (router/tls_accept.py); the server object counts and closes as before.
+        server._server = await start_tls_server(
+            lambda: SCPAssociation(server),
+            listener.bind or None,
+            listener.port,
+            tls,
+            listener.acse_timeout,
+            reuse_port=reuse_port,
+            on_failure=_tls_failure_audit(audit, listener.ae_title),
+        )
     stop = stop or asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -289,6 +303,14 @@ async def run_listener(
             audit.close()
         if admission is not None:
             admission.close()
+
+
+def _tls_failure_audit(audit: AuditLog | None, local_ae: str) -> Callable[[str, int, str], None]:
+    def record(host: str, port: int, reason: str) -> None:
+        if audit is not None:
+            audit.write(tls_refused(local_ae=local_ae, peer_host=host, reason=reason))
+
+    return record
 
 
 def serve(settings: Settings) -> None:

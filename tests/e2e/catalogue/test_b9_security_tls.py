@@ -152,12 +152,6 @@ def test_sec_10_plain_client_on_the_tls_port_is_closed(node, watch):
     assert received == b"" or received[0] == 0x15  # nothing, or a TLS alert record
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a failed TLS handshake leaves no log line: asyncio's SSL transport reports "
-    "handshake errors (OSError) only with the loop in debug mode, and the listener's "
-    "SCPAssociation is created after the handshake, so nothing of ours sees it",
-)
 def test_sec_10_a_failed_handshake_is_logged_once_with_the_peer(node):
     offset = len(node.log())
     with socket.create_connection((HOST, node.port), timeout=WITHIN) as sock:
@@ -212,11 +206,6 @@ def test_sec_13_mtls_refuses_a_missing_untrusted_or_expired_client_certificate(
     assert not _associates(node.port, context)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a refused client certificate writes no audit record (Security Alert): the "
-    "TLS handshake fails inside asyncio before any association exists (see SEC-10)",
-)
 def test_sec_13_a_refused_client_certificate_is_audited(node, pki):
     before = (node.data / "audit" / "audit.jsonl").read_text().count("\n")
     assert not _associates(node.port, _client(pki, "rogue_client"))
