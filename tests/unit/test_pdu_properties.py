@@ -306,9 +306,19 @@ def _length_fields(frame: bytes) -> list[tuple[int, int, int]]:
     return fields
 
 
+def mutated_frames() -> st.SearchStrategy[bytes]:
+    return mutated(frames)
+
+
+def mutated(base: st.SearchStrategy[bytes]) -> st.SearchStrategy[bytes]:
+    """1-3 mutations (flip, insert, delete, length edits) of a frame drawn from ``base``;
+    also used by test_fuzz_connection.py."""
+    return _mutated(base)
+
+
 @st.composite
-def mutated_frames(draw: st.DrawFn) -> bytes:
-    frame = bytearray(draw(frames))
+def _mutated(draw: st.DrawFn, base: st.SearchStrategy[bytes]) -> bytes:
+    frame = bytearray(draw(base))
     for _ in range(draw(st.integers(1, 3))):
         op = draw(st.sampled_from(["flip", "insert", "delete", "length", "length"]))
         if op == "length":
