@@ -217,3 +217,14 @@ def db_query(url: str, sql: str, /, **params: Any) -> list[tuple[Any, ...]]:
             return [tuple(row) for row in connection.execute(text(sql), params)]
     finally:
         engine.dispose()
+
+
+def requested_pg_url(request: pytest.FixtureRequest) -> str | None:
+    """For a fixture of a test that asked for ``db_backend`` (tests/conftest.py) and runs
+    on PostgreSQL: the URL of a new migrated database of its own; otherwise None (the
+    node's SQLite default)."""
+    if "db_backend" not in request.fixturenames:
+        return None
+    if request.getfixturevalue("db_backend") == "sqlite":
+        return None
+    return str(request.getfixturevalue("pg_database")())

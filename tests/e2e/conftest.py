@@ -8,6 +8,13 @@ database/spool queries. Running the CLI costs about a second per command, so tha
 configured data directory is made once per session (through the CLI) and copied for each
 node before its ``serve``. Plain helpers for those tests are in ``ingest_support.py``.
 
+The database: SQLite in the data directory, unless the test asks for the ``db_backend``
+fixture (tests/conftest.py; ``@pytest.mark.usefixtures("db_backend")``, as the e2e
+modules' ``ON_BOTH_DATABASES``): then it runs once on SQLite and once on PostgreSQL,
+each node on a database of its own (``DICOM_ROUTER_DB``) copied from one configured
+through the CLI once per session. ``NodeUnderTest.query`` reads either through
+SQLAlchemy.
+
 Every wait is bounded; every process group is killed at teardown.
 """
 
@@ -16,9 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -29,6 +36,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from db_support import PostgresServer, db_query
 from ingest_support import (
     DESTINATIONS,
     HOST,
@@ -44,7 +52,7 @@ from ingest_support import (
 # --------------------------------------------------------------------------------------
 # router_node: NodeUnderTest
 # --------------------------------------------------------------------------------------
-SERVE_START_TIMEOUT = 30.0
+SERVE_START_TIMEOUT = 90.0  # generous: every process of serve starts under load
 CLI_TIMEOUT = 60.0
 
 
@@ -65,7 +73,9 @@ def _clean_environment(extra: Mapping[str, str] | None) -> dict[str, str]:
 class NodeUnderTest:
     """One router node: data directory, CLI runner, ``serve`` process, state queries."""
 
-    def __init__(self, root: Path, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, root: Path, env: Mapping[str, str] | None = None, db_url: str | None = None
+    ) -> None:
         self.root = root
         self.data_dir = root / "data"
         # serve's working directory, deep inside root, so that a relative path escaping
@@ -74,13 +84,20 @@ class NodeUnderTest:
         self.cwd.mkdir(parents=True, exist_ok=True)
         self.log_path = root / "serve.log"
         self.env = _clean_environment(env)
+        if db_url is not None:  # PostgreSQL; None: SQLite in the data directory
+            self.env["DICOM_ROUTER_DB"] = db_url
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
     # -- paths -------------------------------------------------------------------------
     @property
     def db_path(self) -> Path:
+        """The SQLite file (used only where SQLite itself is what a test is about)."""
         return self.data_dir / "router.sqlite"
+
+    @property
+    def db_url(self) -> str:
+        return self.env.get("DICOM_ROUTER_DB") or f"sqlite:///{self.db_path.resolve()}"
 
     @property
     def spool_dir(self) -> Path:
@@ -235,8 +252,10 @@ class NodeUnderTest:
 
     # -- state -------------------------------------------------------------------------
     def query(self, sql: str, *params: object) -> list[tuple[object, ...]]:
-        with contextlib.closing(sqlite3.connect(self.db_path, timeout=30)) as db:
-            return db.execute(sql, params).fetchall()
+        """Rows of ``sql`` (``?`` parameters) on the node's database, either backend."""
+        names = iter(range(len(params)))
+        named = re.sub(r"\?", lambda _: f":p{next(names)}", sql)
+        return db_query(self.db_url, named, **{f"p{i}": v for i, v in enumerate(params)})
 
     def instances(self) -> list[dict[str, object]]:
         """Every instance row with the names of its jobs' destinations (sorted)."""
@@ -304,13 +323,17 @@ class NodeUnderTest:
 class NodeFactory:
     """``router_node(env=...)``: a configured node (not started) under tmp_path."""
 
-    def __init__(self, tmp_path: Path, template: Path) -> None:
+    def __init__(
+        self, tmp_path: Path, template: Path, database: Callable[[], str] | None = None
+    ) -> None:
         self._tmp_path = tmp_path
         self._template = template
+        self._database = database  # a new configured PostgreSQL database's URL, or SQLite
         self.nodes: list[NodeUnderTest] = []
 
     def __call__(self, env: Mapping[str, str] | None = None) -> NodeUnderTest:
-        node = NodeUnderTest(self._tmp_path / f"node{len(self.nodes)}", env)
+        db_url = self._database() if self._database is not None else None
+        node = NodeUnderTest(self._tmp_path / f"node{len(self.nodes)}", env, db_url)
         self.nodes.append(node)
         shutil.copytree(self._template, node.data_dir, symlinks=True)
         return node
@@ -330,9 +353,39 @@ def configured_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return node.data_dir
 
 
+#: The PostgreSQL database configured once per session (the nodes' template).
+CONFIGURED_PG = "router_e2e_configured"
+
+
+@pytest.fixture(scope="session")
+def configured_pg_data_dir(
+    tmp_path_factory: pytest.TempPathFactory, postgres_server: PostgresServer
+) -> Path:
+    """``configured_data_dir`` with its database on PostgreSQL (``CONFIGURED_PG``)."""
+    postgres_server.admin(f"CREATE DATABASE {CONFIGURED_PG}")
+    node = NodeUnderTest(
+        tmp_path_factory.mktemp("template-pg"), db_url=postgres_server.url(CONFIGURED_PG)
+    )
+    node.configure()  # every CLI process has exited: nobody is left on the template
+    return node.data_dir
+
+
 @pytest.fixture
-def router_node(tmp_path: Path, configured_data_dir: Path) -> Iterator[NodeFactory]:
-    factory = NodeFactory(tmp_path, configured_data_dir)
+def router_node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NodeFactory]:
+    database: Callable[[], str] | None = None
+    if "db_backend" in request.fixturenames and request.getfixturevalue("db_backend") != "sqlite":
+        template = request.getfixturevalue("configured_pg_data_dir")
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        made: list[str] = []
+
+        def database() -> str:
+            made.append(server.create_database(template=CONFIGURED_PG))
+            return server.url(made[-1])
+
+        request.addfinalizer(lambda: [server.drop_database(name) for name in made])
+    else:
+        template = request.getfixturevalue("configured_data_dir")
+    factory = NodeFactory(tmp_path, template, database)
     try:
         yield factory
     finally:

@@ -24,21 +24,29 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pwd
 import secrets
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+# The PostgreSQL helpers shared with every other suite (tests/db_support.py); also when
+# this file runs as the scripted SCP's own process.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from db_support import (
+    PG_BIN,
+    as_postgres,
+    initdb_argv,
+    postgres_owned_dir,
+)
+from db_support import postgres_problem as postgres_problem  # for test_multihost
+
 IS_CI = os.environ.get("CI", "").lower() == "true"
-PG_BIN = Path(os.environ.get("DICOM_ROUTER_PG_BIN", "/usr/lib/postgresql/15/bin"))
 # Statement statistics (shipped with Debian's postgresql-15): how often each query ran.
 PG_STAT_STATEMENTS = PG_BIN.parent / "lib" / "pg_stat_statements.so"
 PREFIX_LENGTH = 24
@@ -62,23 +70,6 @@ def netns_problem() -> str | None:
     if made.returncode != 0:
         return f"no privilege for network namespaces (ip netns add: {made.stderr.strip()})"
     subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
-
-
-def postgres_problem() -> str | None:
-    if not (PG_BIN / "initdb").exists() or not (PG_BIN / "postgres").exists():
-        return f"PostgreSQL binaries not found in {PG_BIN} (apt-get install postgresql)"
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        return "psycopg is not installed (pip install '.[postgres]')"
-    if os.geteuid() == 0:
-        try:
-            pwd.getpwnam("postgres")
-        except KeyError:
-            return "no postgres user to run the server as"
-        if shutil.which("runuser") is None:
-            return "runuser not found"
     return None
 
 
@@ -266,28 +257,17 @@ class Postgres:
         self.proc: subprocess.Popen[bytes] | None = None
         self.statements = PG_STAT_STATEMENTS.exists()
 
-    def _as_postgres(self, argv: list[str]) -> list[str]:
-        return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
-
     def start(self) -> None:
         # Not pytest's tmp_path: the postgres user must own the directory and reach it.
-        self.base = Path(tempfile.mkdtemp(prefix="dicom-router-pg-netns-"))
-        self.base.chmod(0o755)
-        if os.geteuid() == 0:
-            entry = pwd.getpwnam("postgres")
-            os.chown(self.base, entry.pw_uid, entry.pw_gid)
+        self.base = postgres_owned_dir("dicom-router-pg-netns-")
         data = self.base / "data"
-        subprocess.run(
-            self._as_postgres([str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres",
-                               "--auth=trust", "-E", "UTF8"]),
-            check=True, capture_output=True, timeout=120,
-        )  # fmt: skip
+        subprocess.run(initdb_argv(data), check=True, capture_output=True, timeout=120)
         subnet = self.host.address.rsplit(".", 2)[0]
         with open(data / "pg_hba.conf", "a") as hba:  # the test subnet, nothing else
             hba.write(f"host all postgres {subnet}.0.0/16 trust\n")
         self.proc = self.lab.popen(
             self.host.name,
-            self._as_postgres([
+            as_postgres([
                 str(PG_BIN / "postgres"), "-D", str(data), "-k", str(self.base),
                 "-p", str(self.port), "-c", f"listen_addresses={self.host.address}",
                 "-c", "fsync=off",  # a test server: the router's durability is not tested here

@@ -14,6 +14,7 @@ from typing import Any
 
 from ingest_support import HOST, make_dataset, require_dcmtk, write_part10
 from test_forwarding import (  # the node fixture too
+    ON_BOTH_DATABASES,
     Destination,
     _cli,
     _configure,
@@ -52,6 +53,7 @@ def _by(records: list[dict[str, Any]], event: str) -> list[dict[str, Any]]:
     return [r for r in records if r["event"] == event]
 
 
+@ON_BOTH_DATABASES
 def test_associations_instances_and_changes_are_audited(
     node: dict[str, object], tmp_path: Path
 ) -> None:

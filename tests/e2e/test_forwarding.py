@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from db_support import db_query, requested_pg_url
 from ingest_support import (
     HOST,
     assert_same_dataset,
@@ -70,17 +70,25 @@ class Destination:
         }
 
 
+# The tests of what reaches the destinations and the database run on SQLite and
+# PostgreSQL (tests/conftest.py db_backend); those of processes and signals, on SQLite.
+ON_BOTH_DATABASES = pytest.mark.usefixtures("db_backend")
+
+
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[dict[str, object]]:
+def node(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[dict[str, object]]:
     data = tmp_path / "data"
+    db = requested_pg_url(request) or f"sqlite:///{(data / 'router.sqlite').resolve()}"
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "DICOM_ROUTER_DB"},
         "DICOM_ROUTER_DATA_DIR": str(data),
         "DICOM_ROUTER_WORKERS_RETRY_BASE": "0.3",
         "DICOM_ROUTER_WORKERS_RETRY_CAP": "1",
     }
+    if db.startswith("postgresql"):
+        env["DICOM_ROUTER_DB"] = db
     subprocess.run(_cli("init"), env=env, check=True, capture_output=True, timeout=60)
-    state: dict[str, object] = {"data": data, "env": env, "port": free_port()}
+    state: dict[str, object] = {"data": data, "env": env, "port": free_port(), "db": db}
     yield state
     proc = state.get("proc")
     if isinstance(proc, subprocess.Popen) and proc.poll() is None:
@@ -103,7 +111,7 @@ def _serve(node: dict[str, object], log: Path) -> None:
             start_new_session=True,  # type: ignore[arg-type]
         )
     echoscu = require_dcmtk("echoscu")
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 90  # generous: start-up under load
     while time.monotonic() < deadline:
         if (
             subprocess.run(
@@ -116,11 +124,15 @@ def _serve(node: dict[str, object], log: Path) -> None:
     raise AssertionError(f"serve did not come up: {log.read_text()}")
 
 
+def query(node: dict[str, object], sql: str) -> list[tuple[object, ...]]:
+    """Rows of ``sql`` on the node's database (SQLite or PostgreSQL)."""
+    return db_query(str(node["db"]), sql)
+
+
 def _jobs(node: dict[str, object]) -> list[tuple[str, str]]:
-    with contextlib.closing(sqlite3.connect(Path(str(node["data"])) / "router.sqlite")) as db:
-        return db.execute(
-            "select d.name, j.state from jobs j join destinations d on d.id = j.destination_id"
-        ).fetchall()
+    return query(  # type: ignore[return-value]
+        node, "select d.name, j.state from jobs j join destinations d on d.id = j.destination_id"
+    )
 
 
 def _wait_for(predicate: object, timeout: float) -> bool:
@@ -132,6 +144,7 @@ def _wait_for(predicate: object, timeout: float) -> bool:
     return False
 
 
+@ON_BOTH_DATABASES
 def test_instances_reach_the_destinations_their_rules_name(
     node: dict[str, object], tmp_path: Path
 ) -> None:
@@ -184,6 +197,7 @@ def test_instances_reach_the_destinations_their_rules_name(
         destination.stop()
 
 
+@ON_BOTH_DATABASES
 def test_a_destination_that_comes_up_later_receives_everything(
     node: dict[str, object], tmp_path: Path
 ) -> None:
@@ -223,13 +237,13 @@ def test_a_destination_that_comes_up_later_receives_everything(
             tmp_path / "serve.log"
         ).read_text()[-3000:]
         assert _wait_for(lambda: {state for _, state in _jobs(node)} == {"done"}, 30)
-        with contextlib.closing(sqlite3.connect(Path(str(node["data"])) / "router.sqlite")) as db:
-            outcomes = [row[0] for row in db.execute("select outcome from attempts")]
+        outcomes = [row[0] for row in query(node, "select outcome from attempts")]
         assert "retry" in outcomes and outcomes.count("done") == 5
     finally:
         late.stop()
 
 
+@ON_BOTH_DATABASES
 def test_cannot_understand_is_dead_lettered_and_queue_retry_sends_it_again(
     node: dict[str, object], tmp_path: Path
 ) -> None:
@@ -281,11 +295,7 @@ def test_cannot_understand_is_dead_lettered_and_queue_retry_sends_it_again(
         assert result.returncode == 0, result.stderr
         # 0xC000 goes to dead letter at once: one attempt, no retries.
         assert _wait_for(lambda: [s for _, s in _jobs(node)] == ["dead"], 30)
-        with contextlib.closing(sqlite3.connect(Path(str(node["data"])) / "router.sqlite")) as db:
-            assert db.execute("select count(*), max(dimse_status) from attempts").fetchone() == (
-                1,
-                0xC000,
-            )
+        assert query(node, "select count(*), max(dimse_status) from attempts") == [(1, 0xC000)]
         answer["status"] = 0x0000  # the destination is fixed
         _configure(node, "queue", "retry", "--destination", "picky")
         assert _wait_for(lambda: [s for _, s in _jobs(node)] == ["done"], 30)
@@ -327,6 +337,7 @@ def test_sigterm_stops_serve_and_every_child_with_status_0(
         raise AssertionError("a child of serve outlived it")
 
 
+@ON_BOTH_DATABASES
 def test_a_rule_added_while_serving_applies_to_the_next_association(
     node: dict[str, object], tmp_path: Path
 ) -> None:

@@ -22,7 +22,6 @@ import itertools
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -31,6 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from db_support import db_query, requested_pg_url
 from ingest_support import (
     HOST,
     OUT_OF_RESOURCES,
@@ -53,6 +53,11 @@ WORKER_ACSE_TIMEOUT = 30.0
 # --------------------------------------------------------------------------------------
 # the node (as in test_forwarding.py)
 # --------------------------------------------------------------------------------------
+# Where the database's part matters most (attempts and backoff, leases handed back at a
+# stop), on SQLite and PostgreSQL (tests/conftest.py db_backend); the others on SQLite.
+ON_BOTH_DATABASES = pytest.mark.usefixtures("db_backend")
+
+
 def _cli(*args: str) -> list[str]:
     script = Path(sys.executable).parent / "dicom-router"
     return [str(script), *args] if script.exists() else [sys.executable, "-m", "router.cli", *args]
@@ -61,8 +66,9 @@ def _cli(*args: str) -> list[str]:
 class Node:
     """A data directory configured through the CLI and its ``serve`` process."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, db_url: str | None = None) -> None:
         self.data = root / "data"
+        self.db_url = db_url or f"sqlite:///{(self.data / 'router.sqlite').resolve()}"
         self.log_path = root / "serve.log"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_ROUTER_")}
         self.env.update(
@@ -72,6 +78,8 @@ class Node:
                 "DICOM_ROUTER_WORKERS_RETRY_CAP": str(RETRY_CAP),
             }
         )
+        if db_url is not None:
+            self.env["DICOM_ROUTER_DB"] = db_url
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -109,7 +117,7 @@ class Node:
                 start_new_session=True,
             )
         echoscu = require_dcmtk("echoscu")
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90  # generous: start-up under load
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"serve exited: {self.log()[-3000:]}"
             echo = [echoscu, "-to", "5", "-aec", "ROUTER", HOST, str(self.port)]
@@ -127,26 +135,26 @@ class Node:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def query(self, sql: str, *params: object) -> list[tuple[object, ...]]:
-        with contextlib.closing(sqlite3.connect(self.data / "router.sqlite", timeout=30)) as db:
-            return db.execute(sql, params).fetchall()
+    def query(self, sql: str, **params: object) -> list[tuple[object, ...]]:
+        """Rows of ``sql`` (``:name`` parameters) on the node's SQLite or PostgreSQL."""
+        return db_query(self.db_url, sql, **params)
 
     def done_jobs(self, destination: str) -> int:
         (count,) = self.query(
             "select count(*) from jobs j join destinations d on d.id = j.destination_id"
-            " where d.name = ? and j.state = 'done'",
-            destination,
+            " where d.name = :name and j.state = 'done'",
+            name=destination,
         )[0]
         return int(count)  # type: ignore[call-overload]
 
     def attempts(self, destination: str | None = None) -> list[Attempt]:
         """Every attempt row (of one destination), in the order they were recorded."""
+        where = "" if destination is None else " where d.name = :name"
         rows = self.query(
             "select a.job_id, d.name, a.started_at, a.duration_ms, a.outcome, a.dimse_status"
             " from attempts a join destinations d on d.id = a.destination_id"
-            " where ? is null or d.name = ? order by a.id",
-            destination,
-            destination,
+            f"{where} order by a.id",
+            name=destination,
         )
         return [Attempt(*row) for row in rows]  # type: ignore[arg-type]
 
@@ -167,15 +175,18 @@ class Attempt:
         self,
         job_id: int,
         destination: str,
-        started_at: str,
+        started_at: str | dt.datetime,
         duration_ms: int,
         outcome: str,
         dimse_status: int | None,
     ) -> None:
         self.job_id = job_id
         self.destination = destination
-        # SQLite keeps UTCDateTime as naive UTC text (router/db/models.py).
-        self.started_at = dt.datetime.fromisoformat(started_at).replace(tzinfo=dt.UTC)
+        # SQLite keeps UTCDateTime as naive UTC text (router/db/models.py); PostgreSQL
+        # gives a timestamptz.
+        if isinstance(started_at, str):
+            started_at = dt.datetime.fromisoformat(started_at).replace(tzinfo=dt.UTC)
+        self.started_at = started_at.astimezone(dt.UTC)
         self.duration_ms = duration_ms
         self.outcome = outcome
         self.dimse_status = dimse_status
@@ -188,8 +199,8 @@ class Attempt:
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    node = Node(tmp_path)
+def node(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Node]:
+    node = Node(tmp_path, requested_pg_url(request))
     node.cli("init")
     try:
         yield node
@@ -326,6 +337,7 @@ class BlackHole:
 # --------------------------------------------------------------------------------------
 # 1. out of resources, then success
 # --------------------------------------------------------------------------------------
+@ON_BOTH_DATABASES
 def test_out_of_resources_is_retried_with_backoff_until_every_instance_arrives(
     node: Node, tmp_path: Path
 ) -> None:
@@ -429,6 +441,7 @@ def test_live_destinations_receive_everything_before_a_black_holes_first_acse_ti
 # --------------------------------------------------------------------------------------
 # 3. graceful stop while forwarding
 # --------------------------------------------------------------------------------------
+@ON_BOTH_DATABASES
 def test_sigterm_while_forwarding_exits_0_leaves_no_lease_and_a_restart_delivers_all(
     node: Node, tmp_path: Path
 ) -> None:

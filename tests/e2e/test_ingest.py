@@ -47,6 +47,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 if TYPE_CHECKING:
     from conftest import NodeFactory, NodeUnderTest
 
+# The tests of what ingest writes to the database run on SQLite and PostgreSQL
+# (tests/conftest.py db_backend); those of the spool and of paths (PT-*, RX-13), on SQLite.
+ON_BOTH_DATABASES = pytest.mark.usefixtures("db_backend")
+
 UNROUTED_WARNING = re.compile(r"WARNING router\.\S+: .*matched no rule", re.IGNORECASE)
 
 
@@ -95,6 +99,7 @@ def _with_meta(ds: Dataset, transfer_syntax: str) -> Dataset:
 # --------------------------------------------------------------------------------------
 # every acknowledged instance has its file and its rows
 # --------------------------------------------------------------------------------------
+@ON_BOTH_DATABASES
 def test_dcmtk_storescu_every_acknowledged_instance_has_its_file_and_rows(
     router_node: NodeFactory, tmp_path: Path
 ) -> None:
@@ -125,6 +130,7 @@ def test_dcmtk_storescu_every_acknowledged_instance_has_its_file_and_rows(
     assert UNROUTED_WARNING.search(node.log()), node.log()
 
 
+@ON_BOTH_DATABASES
 def test_pynetdicom_every_acknowledged_instance_has_its_file_and_rows(
     router_node: NodeFactory,
 ) -> None:
@@ -153,6 +159,7 @@ def test_pynetdicom_every_acknowledged_instance_has_its_file_and_rows(
 # --------------------------------------------------------------------------------------
 # the unrouted policy
 # --------------------------------------------------------------------------------------
+@ON_BOTH_DATABASES
 def test_unrouted_policy_default_keeps_instance_as_unrouted_without_jobs_and_warns(
     router_node: NodeFactory,
 ) -> None:
@@ -173,6 +180,7 @@ def test_unrouted_policy_default_keeps_instance_as_unrouted_without_jobs_and_war
     assert UNROUTED_WARNING.search(node.log()), node.log()
 
 
+@ON_BOTH_DATABASES
 def test_unrouted_policy_reject_answers_failure_and_keeps_no_file_and_no_row(
     router_node: NodeFactory,
 ) -> None:
@@ -432,6 +440,7 @@ def test_locked_database_answers_a700_leaves_no_orphan_file_and_next_store_succe
 # --------------------------------------------------------------------------------------
 # C-STORE priority (PS3.7 C.4.1.1)
 # --------------------------------------------------------------------------------------
+@ON_BOTH_DATABASES
 def test_c_store_priority_is_kept_on_the_jobs_and_an_unknown_value_is_medium(
     router_node: NodeFactory,
 ) -> None:

@@ -1,5 +1,6 @@
 """The node's Prometheus endpoint against a real serve: the listeners' counters summed
-across processes, and job figures that agree with `dicom-router queue status`."""
+across processes, and job figures and worker liveness that agree with `dicom-router
+queue status` (on SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,18 @@ from pathlib import Path
 import test_forwarding
 from ingest_support import HOST, free_port, make_dataset, require_dcmtk, write_part10
 from prometheus_client.parser import text_string_to_metric_families
-from test_forwarding import Destination, _cli, _configure, _jobs, _serve, _wait_for
+from test_forwarding import (
+    ON_BOTH_DATABASES,
+    Destination,
+    _cli,
+    _configure,
+    _jobs,
+    _serve,
+    _wait_for,
+)
 
 node = test_forwarding.node  # the forwarding suite's node fixture
+CONNECTED = ("dicom_router_workers_connected", ())
 
 
 def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -27,6 +37,10 @@ def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
+WORKER_TIMEOUT = 15.0  # the dispatcher forgets a worker silent this long
+
+
+@ON_BOTH_DATABASES
 def test_metrics_count_what_the_listeners_did_and_agree_with_queue_status(
     node: dict[str, object], tmp_path: Path
 ) -> None:
@@ -80,7 +94,9 @@ def test_metrics_count_what_the_listeners_did_and_agree_with_queue_status(
                 and waiting + jobs.count(("nowhere", "pending")) == 10
             )
 
-        assert _wait_for(settled, 60), (tmp_path / "serve.log").read_text()[-2000:]
+        assert _wait_for(settled, 120), (tmp_path / "serve.log").read_text()[-2000:]
+        # The dispatcher's view of its worker is written about once a second.
+        assert _wait_for(lambda: _scrape(metrics_port)[CONNECTED] == 1, 30)
         scraped = time.monotonic()
         samples = _scrape(metrics_port)
         status = json.loads(
@@ -117,5 +133,21 @@ def test_metrics_count_what_the_listeners_did_and_agree_with_queue_status(
     assert samples[("dicom_router_received_instances_total", (("result", "success"),))] == 10
     assert samples[("dicom_router_received_bytes_total", ())] > 10 * 1000
     assert samples[("dicom_router_ack_latency_seconds_count", ())] == 10
+    # Worker liveness: the same workers, by name and host, heard from recently.
+    heard = {
+        dict(labels)["worker"]: (dict(labels)["host"], value)
+        for (name, labels), value in samples.items()
+        if name == "dicom_router_worker_last_heard_seconds"
+    }
+    assert samples[CONNECTED] == len(status["workers"]) == 1, (heard, status["workers"])
+    assert heard.keys() == {w["worker"] for w in status["workers"]}
+    for row in status["workers"]:
+        host, seconds = heard[row["worker"]]
+        assert host == row["host"] == "local"  # serve's own worker, over ipc://
+        assert 0 <= seconds < WORKER_TIMEOUT + 1 and 0 <= row["last_heard_s"] < WORKER_TIMEOUT + 1
+        # Read from one view at most `between` (+ its one-second refresh) apart.
+        assert row["last_heard_s"] <= seconds + between + 1.5, (row, seconds, between)
+        labels = (("host", host), ("worker", row["worker"]))
+        assert samples[("dicom_router_worker_credit", labels)] == row["credit"]
     assoc = [k for k in samples if "assoc" in k[0]]
     assert samples[("dicom_router_associations_total", (("result", "accepted"),))] >= 1, assoc

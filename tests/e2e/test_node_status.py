@@ -1,19 +1,26 @@
 """`dicom-router status` against a real serve (supervisor, listener, dispatcher, worker,
-janitor processes), and the janitor's marking of removed spool files."""
+janitor processes), and the janitor's marking of removed spool files (on SQLite and
+PostgreSQL)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 from pathlib import Path
 
 import test_forwarding
 from ingest_support import HOST, make_dataset, require_dcmtk, write_part10
-from test_forwarding import Destination, _cli, _configure, _serve, _wait_for
+from test_forwarding import (
+    ON_BOTH_DATABASES,
+    Destination,
+    _cli,
+    _configure,
+    _serve,
+    _wait_for,
+    query,
+)
 
 node = test_forwarding.node  # the forwarding suite's node fixture
 
@@ -70,6 +77,7 @@ def test_status_of_a_node_never_started_fails_with_a_reason(node: dict[str, obje
     assert result.stderr.strip() == "error: the node is not running (no status file)"
 
 
+@ON_BOTH_DATABASES
 def test_forwarded_files_are_removed_and_marked(node: dict[str, object], tmp_path: Path) -> None:
     pacs = Destination(tmp_path, "pacs")
     pacs.start()
@@ -109,11 +117,9 @@ def test_forwarded_files_are_removed_and_marked(node: dict[str, object], tmp_pat
             timeout=60,
         )
         assert result.returncode == 0, result.stderr
-        database = Path(str(node["data"])) / "router.sqlite"
 
         def all_marked() -> bool:
-            with contextlib.closing(sqlite3.connect(database)) as db:
-                rows = db.execute("select spool_removed_at from instances").fetchall()
+            rows = query(node, "select spool_removed_at from instances")
             return len(rows) == 10 and all(removed for (removed,) in rows)
 
         assert _wait_for(all_marked, 60), (tmp_path / "serve.log").read_text()[-2000:]

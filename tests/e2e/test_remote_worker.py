@@ -1,12 +1,14 @@
 """A worker on "another host" (DESIGN §3, §7): `dicom-router worker --connect tcp://…`
 with a data directory of its own (no access to the node's spool: every file comes over
 ZeroMQ in chunks), CURVE keys from `dicom-router keys generate`, the node's database by
-URL. Real serve, worker and DCMTK storescp processes on loopback; the multi-host version
-with network namespaces and PostgreSQL belongs to the scale-out issue."""
+URL (SQLite, and PostgreSQL as a deployment across hosts would use). Real serve, worker
+and DCMTK storescp processes on loopback; the multi-host version with network namespaces
+is tests/e2e/test_multihost.py."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -20,6 +22,7 @@ from ingest_support import HOST, assert_same_dataset, free_port, make_dataset, r
 from ingest_support import write_part10 as write
 from test_forwarding import (  # the node fixture too
     EXPLICIT_LE,
+    ON_BOTH_DATABASES,
     Destination,
     _cli,
     _configure,
@@ -75,7 +78,7 @@ def _start_worker(
     home = tmp_path / f"worker-{key}"
     home.mkdir()
     log = tmp_path / f"worker-{key}.log"
-    database = f"sqlite:///{Path(str(node['data'])) / 'router.sqlite'}"
+    database = str(node["db"])  # the node's SQLite file, or its PostgreSQL database
     env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_ROUTER_")}
     env["TMPDIR"] = str(home)  # its fetched files, to check that none is left behind
     with open(log, "ab") as out:
@@ -124,6 +127,7 @@ def _study(root: Path, count: int, *, big: int = 0) -> dict[str, object]:
     return sent
 
 
+@ON_BOTH_DATABASES
 def test_a_worker_without_the_spool_fetches_over_curve_and_forwards_every_instance(
     node: dict[str, object], remote: dict[str, object], tmp_path: Path
 ) -> None:
@@ -149,6 +153,17 @@ def test_a_worker_without_the_spool_fetches_over_curve_and_forwards_every_instan
         store = Path(str(node["data"])) / "spool" / "store"
         assert _wait_for(lambda: not any(p.is_file() for p in store.rglob("*")), 30)
         assert worker.poll() is None
+        # queue status lists it as the dispatcher heard it: over tcp://, from loopback.
+        status = subprocess.run(
+            _cli("queue", "status", "--json"),
+            env=node["env"],  # type: ignore[arg-type]
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        workers = json.loads(status.stdout)["workers"]
+        assert [w["host"] for w in workers] == [HOST], workers
     finally:
         pacs.stop()
 
