@@ -24,7 +24,9 @@ Names, in the order an instance passes them:
   request is written to the destination, its response not read),
   ``worker.after_dest_success`` (the destination answered success, nothing recorded),
   ``worker.after_attempt_commit`` (the result is committed, the credit not yet given
-  back and the spool file not yet removed).
+  back and the spool file not yet removed);
+- per instance: ``worker.sending=<SOP Instance UID>`` kills the worker each time it is
+  about to send that instance (a poison instance, catalogue FI-08).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def _parse(text: str) -> dict[str, int]:
 _ARMED = _parse(os.environ.get(ENV, ""))
 _ONCE = os.environ.get(ONCE_ENV) or None
 _HITS: Counter[str] = Counter()
+_KEYED = any("=" in name for name in _ARMED)
 
 
 def armed(name: str) -> bool:
@@ -72,3 +75,9 @@ def hit(name: str) -> None:
         except FileExistsError:
             return
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hit_for(name: str, key: str) -> None:
+    """``hit`` for the place ``name`` reached with ``key`` (armed as ``NAME=KEY``)."""
+    if _KEYED:
+        hit(f"{name}={key}")

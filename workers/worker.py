@@ -365,6 +365,7 @@ class Worker:
         fetched: Path | None = None
         judged = True  # whether the outcome says anything about reaching the destination
         try:
+            failpoints.hit_for("worker.sending", message.sop_instance)
             if self._spool is not None:
                 path = self._spool.path_for(message.spool_name)
             else:

@@ -57,3 +57,18 @@ def test_with_a_once_directory_each_place_fires_for_one_process_only(tmp_path: P
     assert (tmp_path / "here").exists()  # the mark the first process left
     assert runs[1].returncode == 0, runs[1].stderr
     assert runs[1].stdout.split() == ["False", "False", "passed"]
+
+
+def test_a_keyed_place_fires_for_its_key_only() -> None:
+    code = (
+        "from router import failpoints\n"
+        "for uid in ('1.2.3', '1.2.4', '1.2.4'):\n"
+        "    print(uid, flush=True)\n"
+        "    failpoints.hit_for('worker.sending', uid)\n"
+    )
+    env = {**os.environ, "DICOM_ROUTER_FAILPOINT": "worker.sending=1.2.4"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == -signal.SIGKILL
+    assert result.stdout.split() == ["1.2.3", "1.2.4"]
