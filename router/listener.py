@@ -330,6 +330,11 @@ class IngestSink:
                 self._error = str(exc)
         if self._error is not None:
             return StoreOutcome(CANNOT_UNDERSTAND, f"cannot parse the data set: {self._error}"[:64])
+        if self._walker.file_meta_elements:
+            # Catalogue DS-08, policy: refused, not stripped. Kept, they would follow our
+            # meta header in the spool file and a Part 10 reader would take them as part
+            # of it (a peer's Transfer Syntax UID overriding the context's).
+            return StoreOutcome(CANNOT_UNDERSTAND, "file meta elements (0002,xxxx) in the data set")
         if values.get(SOP_INSTANCE_UID, (request.affected_sop_instance_uid,)) != (
             request.affected_sop_instance_uid,
         ) or values.get(SOP_CLASS_UID, (request.affected_sop_class_uid,)) != (

@@ -15,8 +15,8 @@ of a wanted element are ever kept.
 
 Choices (the contract in docs/router-internals.md leaves them open):
 
-* Group 0002 elements inside the data set are ordinary elements (DS-08 is the listener's
-  policy, not the walker's).
+* Group 0002 elements inside the data set are ordinary elements, counted at the top
+  level in ``file_meta_elements`` (DS-08 is the listener's policy, not the walker's).
 * A wanted value longer than ``max_value_length`` is truncated to its first
   ``max_value_length`` bytes, decoded, and its key added to ``DatasetWalker.truncated``;
   the rest is skipped. A long text is legal, so it is not an error.
@@ -216,6 +216,9 @@ class DatasetWalker:
         self.truncated: set[Key] = set()
         #: Bytes given to ``feed`` (before inflation, for a deflated syntax).
         self.bytes_seen = 0
+        #: Top-level group 0002 (File Meta) elements seen: they belong in a file's meta
+        #: header, never in a data set on the network (PS3.10 7.1; catalogue DS-08).
+        self.file_meta_elements = 0
 
     # -- input -----------------------------------------------------------------------------
     def feed(self, data: bytes | memoryview) -> None:
@@ -430,6 +433,8 @@ class DatasetWalker:
                         f" ({bytes(vr_bytes)!r}): not Explicit VR data"
                     )
             tag = group << 16 | element
+            if group == 0x0002 and not frame.depth:
+                self.file_meta_elements += 1  # reported; the listener's policy (DS-08)
             if group == 0xFFFE:
                 if tag == ITEM_DELIMITER and frame.depth and end == _NO_END:
                     if pos + 8 > limit:

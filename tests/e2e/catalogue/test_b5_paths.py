@@ -53,6 +53,7 @@ from tests.e2e.ingest_support import SPOOL_NAME, encode_dataset, tree
 
 CONTEXTS = ((1, CT_IMAGE, (EXPLICIT_LE,)), (3, VERIFICATION, (IMPLICIT_LE,)))
 SUCCESS = 0x0000
+FRAGMENT = 65536
 #: Places outside the node's tree a traversal could reach from serve's cwd, the spool's
 #: directories or the root: none may exist after a case (they do not before).
 SENTINELS = tuple(
@@ -96,11 +97,12 @@ def response_fields(body: bytes) -> dict[int, bytes]:
 
 
 class Store:
-    """One raw peer in Sta6 (CT Image Storage on context 1) storing instances."""
+    """One raw peer in Sta6 storing instances (by default CT Image Storage in Explicit
+    VR Little Endian on context 1)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, contexts=CONTEXTS) -> None:  # type: ignore[no-untyped-def]
         self.peer = RawPeer(HOST, port, timeout=30).connect()
-        self.peer.associate(contexts=CONTEXTS)
+        self.peer.associate(contexts=contexts)
         self._message_id = 0
 
     def __enter__(self) -> Store:
@@ -109,12 +111,15 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.peer.close()
 
-    def send(self, sop_instance: bytes, dataset: bytes) -> None:
+    def send(self, sop_instance: bytes, dataset: bytes, context_id: int = 1) -> None:
         self._message_id += 1
-        self.peer.send(
-            p_data_tf(pdv(1, COMMAND_LAST, store_command(self._message_id, sop_instance)))
-        )
-        self.peer.send(p_data_tf(pdv(1, DATASET_LAST, dataset)))
+        command = store_command(self._message_id, sop_instance)
+        self.peer.send(p_data_tf(pdv(context_id, COMMAND_LAST, command)))
+        # Fragments of 64 KiB: within the node's maximum PDU length (256 KiB).
+        chunks = [dataset[i : i + FRAGMENT] for i in range(0, len(dataset), FRAGMENT)] or [b""]
+        for n, chunk in enumerate(chunks):
+            last = DATASET_LAST if n == len(chunks) - 1 else DATASET_MORE
+            self.peer.send(p_data_tf(pdv(context_id, last, chunk)))
 
     def answer(self) -> tuple[int, str]:
         """(Status, Error Comment) of the next C-STORE-RSP."""
@@ -124,15 +129,16 @@ class Store:
         status = struct.unpack("<H", fields[0x0900])[0]
         return status, fields.get(0x0902, b"").decode(errors="replace").strip(" \0")
 
-    def store(self, sop_instance: bytes, dataset: bytes) -> tuple[int, str]:
-        self.send(sop_instance, dataset)
+    def store(self, sop_instance: bytes, dataset: bytes, context_id: int = 1) -> tuple[int, str]:
+        self.send(sop_instance, dataset, context_id)
         return self.answer()
 
-    def good(self, invariant) -> str:  # type: ignore[no-untyped-def]
+    def good(self, invariant, context_id: int = 1, explicit: bool = True) -> str:  # type: ignore[no-untyped-def]
         """A valid instance on the same association: it must succeed (the association
         went on after the bad one)."""
         uid = generate_uid()
-        status, comment = self.store(uid.encode(), dataset_bytes(uid))
+        dataset = dataset_bytes(uid, explicit=explicit)
+        status, comment = self.store(uid.encode(), dataset, context_id)
         assert status == SUCCESS, (hex(status), comment)
         invariant.acknowledged(uid)
         return uid
@@ -368,7 +374,7 @@ def test_pt_08_same_uid_from_two_peers_at_once_gets_distinct_files_and_the_dupli
     assert len(rows) == (1 if same_bytes else 2), rows
     digests = {hashlib.sha256(d).hexdigest() for d in datasets}
     stored = {
-        hashlib.sha256(_dataset_of(node.store_dir / str(r["spool_name"]))).hexdigest() for r in rows
+        hashlib.sha256(dataset_of(node.store_dir / str(r["spool_name"]))).hexdigest() for r in rows
     }
     assert stored == digests, "a spool file is not what its peer sent"
     for row in rows:
@@ -388,7 +394,7 @@ def _wait_for(probe, timeout: float = 30.0):  # type: ignore[no-untyped-def]
     return None
 
 
-def _dataset_of(path: Path) -> bytes:
+def dataset_of(path: Path) -> bytes:
     """The data set bytes of a Part 10 file the router wrote: after the preamble,
     'DICM' and the meta group (its length from (0002,0000), PS3.10 7.1)."""
     data = path.read_bytes()
@@ -482,7 +488,7 @@ def test_pt_11_spool_files_and_directories_are_private_and_files_start_with_our_
     assert _mode(path) in (0o600, 0o640), oct(_mode(path))
     head = path.read_bytes()[:132]
     assert head == bytes(128) + b"DICM"
-    assert _dataset_of(path) == dataset
+    assert dataset_of(path) == dataset
     directories = [node.spool_dir, node.tmp_dir, node.store_dir, path.parent]
     modes = {str(d): oct(_mode(d)) for d in directories}
     assert all(_mode(d) in (0o700, 0o750) for d in directories), modes
