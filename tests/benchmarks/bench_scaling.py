@@ -66,7 +66,7 @@ from bench_e2e import (
 )
 from corpus import Corpus, bench_uid, ensure_corpus
 from peers import NODELAY_ENV
-from suts import Node
+from suts import Node, proc_name
 
 DEFAULT_WORK = Path("/tmp/dicom-router-bench/scaling")
 
@@ -272,10 +272,10 @@ class RssSampler:
         roles = node.roles()
         for pid, kb in node.rss_kb().items():
             self.series.setdefault(pid, []).append((now, arrived, kb))
-            self.names.setdefault(pid, roles.get(pid, "other"))
-        for pid, role in roles.items():  # a name may appear only after the first sample
-            if pid in self.names and self.names[pid] == "other":
-                self.names[pid] = role
+            if pid in roles:  # the supervisor's status file may name it only later
+                self.names[pid] = roles[pid]
+            elif pid not in self.names:
+                self.names[pid] = proc_name(pid)
 
     def table(self) -> str:
         head = ["process", "pid", "samples", "start MiB", "at 10 % MiB", "max MiB", "end MiB",

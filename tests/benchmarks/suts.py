@@ -58,6 +58,16 @@ def group_pids(pgid: int) -> list[int]:
     return sorted(pids)
 
 
+def proc_name(pid: int) -> str:
+    """A short name for a process no role names: its command, e.g. ``python -c``."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "other"
+    words = [Path(a.decode(errors="replace")).name for a in argv[:2] if a]
+    return " ".join(words) or "other"
+
+
 def group_cpu(pgid: int) -> dict[int, float]:
     """user+sys CPU seconds of every live process in group ``pgid`` (all threads); the
     leader's count includes its reaped children (a restarted child)."""
