@@ -1,6 +1,6 @@
 """Catalogue B.4 at full size, on demand (not part of the test command; DESIGN §8).
 
-    .venv-dev/bin/python tests/soak/soak_rx_full_size.py [--only RX-06,RX-07,RX-10,RX-15]
+    .venv-dev/bin/python tests/soak/soak_rx_full_size.py [--only RX-06,RX-07,RX-10,RX-15,RX-14]
 
 The test command runs these scaled down (tests/e2e/catalogue/test_b4_resources.py);
 here each runs at the catalogue's size against one ``dicom-router serve`` started for
@@ -12,6 +12,8 @@ the run (tests/e2e/conftest.py's NodeUnderTest, no workers), and prints figures:
   in spool/tmp and rows (both must be 0);
 * RX-10: 100,000 C-STOREs over one association: RSS every 10,000, acknowledgements per
   second (a figure, not a pass mark);
+* RX-14: 1,000,000 pending jobs put straight into the database: the seconds
+  ``queue status --json`` takes (the rows are not spool files: run it last);
 * RX-15: 6,000 CT instances (12,000 job notices: past the listener's ZeroMQ SNDHWM of
   10,000) with no dispatcher reading: every store acknowledged, the seconds per 500 at
   the start and at the end (the push never blocks the response), the jobs in the
@@ -112,7 +114,7 @@ def rx_06(node: NodeUnderTest) -> bool:
     for _ in range(sized(10_000)):
         with socket.create_connection((HOST, node.port), timeout=30):
             pass
-    print(f"RX-06: 10,000 connect/close cycles in {time.monotonic() - started:.1f} s")
+    print(f"RX-06: {sized(10_000)} connect/close cycles in {time.monotonic() - started:.1f} s")
     return report("RX-06", watch)
 
 
@@ -131,7 +133,7 @@ def rx_07(node: NodeUnderTest) -> bool:
                 + abort(0, 0)
             )
             peer.expect_close(within=30)
-    print(f"RX-07: 10,000 aborted C-STOREs in {time.monotonic() - started:.1f} s")
+    print(f"RX-07: {sized(10_000)} aborted C-STOREs in {time.monotonic() - started:.1f} s")
     ok = report("RX-07", watch)
     left, new_rows = node.tmp_files(), len(node.instances()) - rows
     print(f"RX-07: spool/tmp files left {len(left)}, new rows {new_rows}")
@@ -174,13 +176,42 @@ def rx_15(node: NodeUnderTest) -> bool:
                 times.append(time.monotonic() - block)
                 block = time.monotonic()
         peer.release()
-    print(f"RX-15: seconds per 500 acknowledgements: {[round(t, 2) for t in times]}")
+    print(f"RX-15: seconds per {sized(500)} acknowledgements: {[round(t, 2) for t in times]}")
     jobs = node.query("select count(*) from jobs")[0][0]
-    print(f"RX-15: 6,000 acknowledged (12,000 notices, SNDHWM 10,000); jobs in the database {jobs}")
+    print(f"RX-15: {len(uids)} acknowledged ({2 * len(uids)} notices, SNDHWM 10,000); jobs {jobs}")
     return True
 
 
-CASES = {"RX-06": rx_06, "RX-07": rx_07, "RX-10": rx_10, "RX-15": rx_15}
+def rx_14(node: NodeUnderTest) -> bool:
+    """1,000,000 pending jobs (a destination down for days), inserted straight into the
+    node's SQLite; ``queue status --json`` must still answer (its time is printed)."""
+    import sqlite3
+
+    count = sized(1_000_000)
+    with sqlite3.connect(node.db_path, timeout=60) as db:
+        (dest,) = db.execute("select id from destinations order by id limit 1").fetchone()
+        (base,) = db.execute("select coalesce(max(id), 0) from instances").fetchone()
+        db.execute(
+            "with recursive n(i) as (select 1 union all select i + 1 from n where i < ?)"
+            " insert into instances (id, sop_instance_uid, sop_class_uid, transfer_syntax,"
+            " calling_aet, called_aet, peer_address, spool_name, size, digest, state)"
+            " select ? + i, '1.2.3.' || i, ?, ?, 'SOAK', 'ROUTER', '127.0.0.1',"
+            " printf('%02x/%032x.dcm', i % 256, ? + i), 1, '', 'routed' from n",
+            (count, base, CT_IMAGE, EXPLICIT_LE, base),
+        )
+        db.execute(
+            "insert into jobs (instance_id, destination_id, state)"
+            " select id, ?, 'pending' from instances where id > ?",
+            (dest, base),
+        )
+    started = time.monotonic()
+    result = node.cli("queue", "status", "--json", timeout=600)
+    print(f"RX-14: queue status with {count} pending jobs: {time.monotonic() - started:.1f} s")
+    print(f"RX-14: {result.stdout.strip()[:300]}")
+    return True
+
+
+CASES = {"RX-06": rx_06, "RX-07": rx_07, "RX-10": rx_10, "RX-15": rx_15, "RX-14": rx_14}
 
 
 def main() -> int:
