@@ -100,6 +100,7 @@ def lease_message(lease: Lease) -> LeaseMessage:
         deliveries=lease.deliveries,
         sop_instance=lease.sop_instance_uid,
         expires=lease.expires_at.timestamp(),
+        study=lease.study_instance_uid or "",
     )
 
 

@@ -43,6 +43,10 @@ class SpoolJanitor:
         names = self._queue.removable_spool_files(self._batch, keep_for=self._retention)
         if not names:
             return 0
+        # Workers commit results without an fsync of their own (make_engine durable=False):
+        # make "done" durable before the file goes, or a power loss could leave a job to
+        # do whose file is gone.
+        self._queue.sync()
         kept = []
         for name in names:
             try:

@@ -12,7 +12,7 @@ minor revision may add fields; a field added in a minor revision is optional and
 with its default (in brackets below). Revision 1.0: job, hello, credit, lease, bye.
 Revision 1.1: hello ``minor`` and ``"all"``, lease ``sop_instance`` and ``expires``,
 result, heartbeat, fetch, chunk. Revision 1.2: credit ``done``, ``down`` and ``up``,
-chunk ``token``, who (``MINOR`` = 2).
+chunk ``token``, who. Revision 1.3: lease ``study`` (``MINOR`` = 3).
 Times are seconds since the Unix epoch (UTC), a float (an int is read as one), finite
 and not negative.
 
@@ -42,9 +42,11 @@ while its token still holds the job's lease (router/db/jobs.py)::
                         "max_retries": uint, "spool_name": str, "transfer_syntax": str,
                         "sop_class": str, "sop_instance": str [""], "token": str,
                         "expires": float [0.0, unknown], "attempts": uint,
-                        "deliveries": uint}
+                        "deliveries": uint, "study": str [""]}
                        attempts: finished before this lease; deliveries: leases handed out,
-                       this one included; expires: when the token stops counting
+                       this one included; expires: when the token stops counting; study:
+                       the instance's Study Instance UID ("" unknown), for the worker's
+                       audit records (1.3: the worker needs no database read for them)
     result     w -> d  {"job": uint, "token": str, "verdict": "done" | "done_with_warning"
                         | "retry" | "dead", "status": uint16 | nil, "error": str,
                         "started": float, "duration_ms": uint}
@@ -75,7 +77,7 @@ from typing import Any, ClassVar, cast
 import msgpack
 
 VERSION = 1  # the major version: a message with another "v" is refused
-MINOR = 2  # this module's revision within VERSION, announced in hello
+MINOR = 3  # this module's revision within VERSION, announced in hello
 MAX_CHUNK = 1 << 20  # bytes per fetch; well under ZeroMQ's message limits
 VERDICTS = frozenset({"done", "done_with_warning", "retry", "dead"})  # workers.retry.Verdict
 
@@ -164,6 +166,7 @@ class LeaseMessage(_Message):
     deliveries: int
     sop_instance: str = ""  # 1.1
     expires: float = 0.0  # 1.1; 0.0: not given
+    study: str = ""  # 1.3; "": not given
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,6 +362,7 @@ _SCHEMAS: dict[str, tuple[type[_Message], dict[str, _Reader | _Optional]]] = {
             "deliveries": _uint,
             "sop_instance": _Optional(_str, ""),
             "expires": _Optional(_time, 0.0),
+            "study": _Optional(_str, ""),
         },
     ),
     "result": (

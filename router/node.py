@@ -641,7 +641,9 @@ async def run_worker(
     from workers.worker import Worker
 
     workers = settings.workers
-    engine = make_engine(settings.database_url)
+    # Results need no fsync of their own: the janitor syncs before it removes a file
+    # (router/db/engine.py make_engine, router/janitor.py).
+    engine = make_engine(settings.database_url, durable=False)
     check_schema(engine)
     audit = AuditLog.for_settings(settings)
     worker = Worker(

@@ -4,12 +4,13 @@ Leases are grouped by destination: each destination has its own association pool
 (``workers/sender.py``), so a slow or dead destination never holds back the others. The
 worker writes each attempt's result itself, under its lease (``router/db/jobs.py``),
 then gives the dispatcher one credit back. When every job of an instance is done the
-spool file is removed (DESIGN §3.5).
+node's janitor removes the spool file (DESIGN §3.5), after making the results durable:
+the worker commits them without an fsync of its own (``make_engine(durable=False)``).
 
 A worker on the node's host reads the spool directly. A worker elsewhere (``dicom-router
 worker --connect tcp://…``, no shared filesystem) fetches each file from the dispatcher
 in chunks over its own socket into a private temporary file, sends it from there and
-deletes it; the node's janitor removes the spool file once the instance is done.
+deletes it.
 """
 
 from __future__ import annotations
@@ -433,9 +434,6 @@ class Worker:
                 names = []
             else:
                 failpoints.hit("worker.after_attempt_commit")
-            for name in names:
-                if name and self._spool is not None:
-                    self._spool.remove(name)  # every job of that instance is done
             done = tuple(result.lease.destination for result in batch)
             reached, self._reached = self._reached, {}
             down = tuple(name for name, ok in reached.items() if not ok)
@@ -452,10 +450,12 @@ class Worker:
         ended = [r for r in recorded if r.state in (JobState.DONE, JobState.DEAD)]
         if not ended:
             return
-        studies: dict[int, str | None] = {}
+        # Leases carry the study (messages 1.3); read it only for an older dispatcher's.
+        studies = {r.lease.instance_id: r.lease.study_instance_uid for r in ended}
+        unknown = [r.lease.instance_id for r in ended if not r.lease.study_instance_uid]
         try:
-            if self._study_uids is not None:
-                studies = self._study_uids(r.lease.instance_id for r in ended)
+            if unknown and self._study_uids is not None:
+                studies.update(self._study_uids(unknown))
         except Exception as exc:  # the records go without their study, not at all
             log.warning("audit: could not read the studies of %d instances: %s", len(ended), exc)
         self._audit.write(
@@ -504,6 +504,7 @@ class Worker:
             expires_at=started,
             attempts=message.attempts,
             deliveries=message.deliveries,
+            study_instance_uid=message.study or None,
         )
         error = None if verdict is Verdict.DONE else reason
         return Result(

@@ -25,6 +25,7 @@ a plain deferred transaction.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -87,12 +88,14 @@ def make_engine(
     ``foreign_keys=False`` is for migrations only: SQLite's batch mode copies and drops
     tables, which foreign-key enforcement would turn into cascades or failures.
 
-    ``durable=False`` is for the dispatcher's leases only: on SQLite its commits skip the
-    WAL fsync (``synchronous=NORMAL``: still atomic; after a power loss the latest of
-    them may be rolled back, and a lease rolled back is only a job due again, so
-    delivery stays at least once). The next durable commit of any process fsyncs the WAL
-    with those frames in it. Instance, job and result commits stay ``FULL``
-    (DESIGN §3.1); PostgreSQL keeps ``synchronous_commit=on`` for every connection.
+    ``durable=False`` is for the dispatcher's leases and the workers' results: on SQLite
+    their commits skip the WAL fsync (``synchronous=NORMAL``: still atomic; after a power
+    loss the latest of them may be rolled back, and a lease or a result rolled back is
+    only a job due again, so delivery stays at least once). The next durable commit of
+    any process fsyncs the WAL with those frames in it, and the janitor calls
+    ``sync_wal`` before it removes the spool file of an instance a result marked done.
+    Instance and job commits stay ``FULL`` (DESIGN §3.1); PostgreSQL keeps
+    ``synchronous_commit=on`` for every connection.
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -106,6 +109,23 @@ def make_engine(
         _configure_postgresql(engine)
         return engine
     return create_engine(parsed, **kwargs)
+
+
+def sync_wal(engine: Engine) -> None:
+    """Make every commit so far durable, ``synchronous=NORMAL`` ones included: fsync the
+    SQLite write-ahead log (the frames of all commits not yet checkpointed; checkpointed
+    ones are in the database file, which a checkpoint fsyncs). Nothing to do elsewhere:
+    PostgreSQL commits are durable when they return."""
+    if engine.url.get_backend_name() != "sqlite" or not engine.url.database:
+        return
+    try:
+        fd = os.open(f"{engine.url.database}-wal", os.O_RDONLY)
+    except FileNotFoundError:
+        return  # no log: every commit is in the database file
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def make_session_factory(engine: Engine, *, write: bool = False) -> sessionmaker[Session]:

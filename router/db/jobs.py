@@ -81,7 +81,7 @@ from sqlalchemy import (
     update,
 )
 
-from router.db.engine import WRITE_OPTION
+from router.db.engine import WRITE_OPTION, sync_wal
 from router.db.models import (
     LIVE_JOB_STATES,
     AttemptRow,
@@ -144,6 +144,7 @@ class Lease:
     expires_at: dt.datetime
     attempts: int  # finished attempts before this delivery
     deliveries: int  # leases handed out, this one included
+    study_instance_uid: str | None = None  # for the worker's audit records
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,6 +330,7 @@ def _chosen(skip_locked: bool) -> Select[Any]:
             _I.transfer_syntax,
             _I.sop_class_uid,
             _I.sop_instance_uid,
+            _I.study_instance_uid,
             _J.priority,
             _J.attempts,
             _J.deliveries,
@@ -452,6 +454,7 @@ def _lease(row: Any, token: str, expires: dt.datetime) -> Lease:
         expires_at=expires,
         attempts=row.attempts,
         deliveries=row.deliveries + 1,
+        study_instance_uid=row.study_instance_uid,
     )
 
 
@@ -843,6 +846,12 @@ class JobQueue:
         return out
 
     # -- spool files ----------------------------------------------------------------------
+    def sync(self) -> None:
+        """Make every commit so far durable, results written with ``durable=False``
+        included (``router/db/engine.py`` ``sync_wal``): before a file is removed because
+        a result said its instance is done."""
+        sync_wal(self._engine)
+
     def removable_spool_files(
         self, limit: int = 1000, keep_for: dt.timedelta = dt.timedelta(0)
     ) -> list[str]:

@@ -144,3 +144,38 @@ def test_sweeps_in_batches_until_nothing_is_left(
     forward(queue)
     assert SpoolJanitor(queue, spool, batch=3).sweep() == 7
     assert not any(spool.path_for(name).exists() for name in names)
+
+
+class SyncWatchingQueue(JobQueue):
+    """A JobQueue that notes, at each ``sync``, which spool files still exist."""
+
+    def __init__(self, engine: Engine, clock: Clock, spool: Spool, names: list[str]) -> None:
+        super().__init__(engine, clock=clock)
+        self.present_at_sync: list[bool] = []
+        self._spool, self._names = spool, names
+
+    def sync(self) -> None:
+        super().sync()
+        self.present_at_sync.append(all(self._spool.path_for(n).exists() for n in self._names))
+
+
+def test_results_are_made_durable_before_a_file_goes(
+    engine: Engine, repo: Repository, clock: Clock, spool: Spool
+) -> None:
+    # Workers commit results with synchronous=NORMAL; the janitor fsyncs the log first.
+    names = [receive(repo, spool, n, "pacs") for n in (1, 2)]
+    queue = SyncWatchingQueue(engine, clock, spool, names)
+    forward(queue)
+    janitor = SpoolJanitor(queue, spool)
+    assert janitor.sweep() == 2
+    assert queue.present_at_sync == [True]
+    assert not any(spool.path_for(n).exists() for n in names)
+
+
+def test_nothing_removable_needs_no_sync(
+    engine: Engine, repo: Repository, clock: Clock, spool: Spool
+) -> None:
+    names = [receive(repo, spool, 1, "pacs")]  # its job is still to do
+    queue = SyncWatchingQueue(engine, clock, spool, names)
+    assert SpoolJanitor(queue, spool).sweep() == 0
+    assert queue.present_at_sync == []

@@ -149,6 +149,7 @@ every_message: st.SearchStrategy[Message] = st.one_of(
         deliveries=uints,
         sop_instance=texts,
         expires=times,
+        study=texts,
     ),
     st.builds(
         ResultMessage,
@@ -208,6 +209,7 @@ SAMPLES: list[Message] = [
         deliveries=2,
         sop_instance="1.2.3.4",
         expires=1_790_000_000.5,
+        study="1.2.3",
     ),
     ResultMessage(7, "w:1234", "retry", 0xA700, "out of resources", 1_790_000_000.0, 12),
     ResultMessage(7, "w:1234", "retry", None, "connection refused", 1_790_000_000.0, 3),
@@ -226,6 +228,7 @@ ABSENT: dict[tuple[str, str], object] = {
     ("hello", "minor"): 0,
     ("lease", "sop_instance"): "",
     ("lease", "expires"): 0.0,
+    ("lease", "study"): "",
     ("chunk", "error"): "",
     ("chunk", "token"): "",
     ("credit", "done"): None,
@@ -394,7 +397,7 @@ def test_revision_1_0_messages_still_read() -> None:
     hello = {"v": 1, "t": "hello", "worker": "w", "destinations": None, "credit": 4}
     assert decode(msgpack.packb(hello)) == Hello("w", None, 4, minor=0)
     lease = _wire(SAMPLES[3])
-    del lease["sop_instance"], lease["expires"]
+    del lease["sop_instance"], lease["expires"], lease["study"]
     read = decode(msgpack.packb(lease))
     assert isinstance(read, LeaseMessage) and read.sop_instance == "" and read.expires == 0.0
 
