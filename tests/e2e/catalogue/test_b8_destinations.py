@@ -215,6 +215,8 @@ DST_16 = {
         ("1MiB", 1 << 20, 1 << 20),
     ]
 }
+PT_10_TEXT = "../../../../tmp/pt10-from-destination"
+PT_10 = case("pt-10", store=always(Reply(status=0xB000, error_comment=PT_10_TEXT)))
 FLAPPING = Flapping(FLAP_PERIOD, FLAP_FOR)
 DST_17 = case("dst-17", association=FLAPPING.association, store=FLAPPING.store, max_retries=100)
 
@@ -406,7 +408,8 @@ class _Config:
     module has ~50 destinations)."""
 
     def __init__(self, node: Node) -> None:
-        self._engine = make_engine(f"sqlite:///{node.data / 'router.sqlite'}")
+        # durable=False: set-up rows need no fsync each (~100 of them)
+        self._engine = make_engine(f"sqlite:///{node.data / 'router.sqlite'}", durable=False)
         self.repository = Repository(self._engine)
 
     def add(self, name: str, port: int, max_retries: int, *, max_associations: int = 1) -> None:
@@ -731,3 +734,20 @@ def test_dst_18_malformed_answer_is_a_typed_error_retried_and_the_worker_survive
     assert [a.outcome for a in run.attempts] == ["retry", "done"], run.attempts
     error = run.attempts[0].error or ""
     assert error and not error.startswith("internal error"), error
+
+
+# --------------------------------------------------------------------------------------
+# PT-10 (catalogue B.5, P2): the worker side of "no file name from peer text"
+# --------------------------------------------------------------------------------------
+def test_pt_10_text_from_a_destination_never_becomes_a_path(bed: Bed) -> None:
+    """A destination's answer carries a traversal (its Error Comment, with a warning
+    status): it lands in the attempt row as text, and nothing is created where it
+    points. Workers only send (C-STORE SCU), open spool files by the router's own names
+    (router/spool.py refuses any other) and only compare a response's UIDs (DST-15)."""
+    target = Path("/tmp/pt10-from-destination")
+    assert not target.exists()
+    run = bed.run(PT_10)
+    assert run.job.state == "done", run
+    assert PT_10_TEXT in (run.attempts[0].error or ""), run.attempts
+    assert not os.path.lexists(target)
+    assert not os.path.lexists(bed.node.data.parent / "pt10-from-destination")
