@@ -181,7 +181,7 @@ class Router(Node):
             argv += ["--workers", str(workers)]
         if listeners is not None:
             argv += ["--listeners", str(listeners)]
-        self._start(argv, NODELAY_ENV, log, timeout=60.0)
+        self._start(argv, NODELAY_ENV, log, timeout=120.0)  # a loaded 2-core VM is slow
 
     def roles(self) -> dict[int, str]:
         """pid -> listener/dispatcher/worker/janitor/... from the supervisor's status file
