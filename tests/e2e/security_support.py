@@ -21,7 +21,7 @@ from ingest_support import HOST, free_port, require_dcmtk
 from protocol.net import ContextRequest, Timeouts, associate
 from protocol.uids import IMPLICIT_VR_LE, VERIFICATION
 
-CLI_TIMEOUT = 60.0
+CLI_TIMEOUT = 120.0
 
 _CA_CONFIG = """[ca]
 default_ca = test
@@ -210,7 +210,7 @@ class SecureNode:
                 start_new_session=True,
             )
         marker = f"listening on {HOST}:{self.port}"
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # generous: the machine may be loaded
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log()
             if self.log().count(marker) >= listeners:
