@@ -83,6 +83,11 @@ WAIT = 120.0  # generous: the machine may be loaded (assert behaviour, not speed
 LIVE = ("pending", "leased", "retry_wait")
 
 
+# The walk is one long fixture (it is charged to its first test); a loaded machine is
+# slow, not wrong.
+pytestmark = pytest.mark.timeout(900)
+
+
 def _ids(points: tuple[str, ...]) -> list[str]:
     return [p.split(".", 1)[1] for p in points]
 
@@ -174,6 +179,7 @@ class Walk:
     kept_files_of_done: list[str] = field(default_factory=list)
     final_exit: int | None = None
     kills_in_log: int = 0
+    deleted: tuple[object, str, str] = (0, "", "")  # FI-20: job, state, last error
     errors: list[str] = field(default_factory=list)
 
     def note(self, problem: str) -> None:
@@ -388,6 +394,32 @@ def _drain(walk: Walk) -> None:
     )
 
 
+def _spool_file_deleted(walk: Walk) -> None:
+    """FI-20: an instance whose archive job waits (archive down) loses its spool file
+    to someone else; once archive is back the job is dead with the reason, not retried."""
+    node = walk.node
+    archive = next(scp for scp in walk.scps if scp.name == "archive")
+    archive.stop()
+    [uid] = _more_traffic(walk, 1)
+    walk.acknowledged.discard(uid)  # nothing is left to deliver to archive
+    _wait(lambda: uid in walk.scps[0].received(), WAIT, 0.2)  # pacs has it
+    [(job, spool_name)] = node.query(
+        "select j.id, i.spool_name from jobs j join instances i on i.id = j.instance_id"
+        " join destinations d on d.id = j.destination_id"
+        " where i.sop_instance_uid = ? and d.name = 'archive'",
+        uid,
+    )
+    (node.data_dir / "spool" / "store" / str(spool_name)).unlink()
+    archive.start()
+
+    def state() -> tuple[str, str]:
+        [(st, error)] = node.query("select state, last_error from jobs where id = ?", job)
+        return str(st), str(error)
+
+    _wait(lambda: state()[0] == "dead", WAIT, 0.2)
+    walk.deleted = (job, *state())
+
+
 @pytest.fixture(scope="module")
 def walk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Walk]:
     require_dcmtk("storescp")
@@ -447,6 +479,9 @@ def walk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Walk]:
                 walk.acknowledged.add(uid)
         _drain(walk)
         step("drained")
+        _spool_file_deleted(walk)
+        step("spool file deleted")
+        walk.dead = [row for row in walk.dead if row[0] != walk.deleted[0]]
         walk.final_exit = node.stop(WAIT)
         walk.kills_in_log = node.log_path.read_text(errors="replace").count("(status -9)")
         yield walk
@@ -587,6 +622,15 @@ def test_fi_19_startup_recovery_removes_stale_files_and_re_leases_expired_jobs(
     [(state,)] = walk.node.query("select state from jobs where id = ?", walk.planted["job"])
     assert state == "done"
     _assert_no_loss(walk)
+
+
+def test_fi_20_spool_file_deleted_while_its_job_waits_is_dead_lettered_once(
+    walk: Walk,
+) -> None:
+    _job, state, error = walk.deleted
+    assert state == "dead", walk.deleted
+    # Dead at the first attempt that found the file gone (the earlier ones were refused).
+    assert "spool file missing" in error, error
 
 
 def test_every_boundary_killed_its_process_once(walk: Walk) -> None:
