@@ -353,6 +353,7 @@ class Killer:
     # target is up, even while others restart (the soak: more kills in its time).
     wait_for_all: bool = True
     stop_kills: threading.Event = field(default_factory=threading.Event)  # no more kills
+    start_timeout: float = START_TIMEOUT  # for serve after a supervisor kill
     kills: list[Kill] = field(default_factory=list)
     orphans: list[list[str]] = field(default_factory=list)  # per supervisor kill
     error: BaseException | None = None
@@ -469,7 +470,7 @@ class Killer:
         self.kills[-1].detail = f"children alive {self.orphan_wait} s later: {survivors or 'none'}"
         kill_group(self.node.proc.pid)  # serve's session: the leftovers
         self._quick.clear()  # a new supervisor: no restart pauses yet
-        self.node.start()
+        self.node.start(timeout=self.start_timeout)
 
 
 # --------------------------------------------------------------------------------------
@@ -615,6 +616,7 @@ def run_crashes(
     node: Node | None = None,
     progress_every: int = 0,
     stop_kills: threading.Event | None = None,
+    hold_to_kills: bool = True,
 ) -> CrashRun:
     """Configure a node under ``root``, send ``instances`` while the killer works
     through ``counts`` (kills per target), then let it drain with no more kills."""
@@ -624,7 +626,7 @@ def run_crashes(
     kills = sum(counts.values())
     try:
         node.configure(destinations)
-        node.start()
+        node.start(timeout=float(str((killer_options or {}).get("start_timeout", START_TIMEOUT))))
         began = time.monotonic()
         killer = Killer(node, rng, make_plan(rng, counts), began, **(killer_options or {}))  # type: ignore[arg-type]
 
@@ -633,6 +635,8 @@ def run_crashes(
             if killer.done.is_set():
                 return float("inf")
             by_time = instances * (time.monotonic() - began) / (pace_per_kill * kills)
+            if not hold_to_kills:  # paced in time only: kills may lag behind
+                return by_time
             by_kills = instances * (len(killer.kills) + 1) / (kills + 1)
             return min(by_time, by_kills)
 

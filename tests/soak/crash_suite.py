@@ -41,6 +41,7 @@ KILLER = {
     "quick_in_a_row": 3,
     "orphan_wait": 2.0,
     "wait_for_all": False,
+    "start_timeout": 300.0,  # serve on a loaded machine, its spool growing
 }
 
 
@@ -50,6 +51,7 @@ def crash_suite(
     kills_each: int,
     seed: int,
     stop_kills: threading.Event | None = None,
+    send_seconds: float | None = None,
 ) -> CrashRun:
     scps = [StoreSCP(work_dir, name) for name in DESTINATIONS]
     try:
@@ -61,7 +63,10 @@ def crash_suite(
             instances=instances,
             counts=dict.fromkeys(TARGETS, kills_each),
             seed=seed,
-            pace_per_kill=0.2,
+            # Sending spread over send_seconds (then kills may lag behind it), or
+            # held back to the kills (12.5 instances per kill at full size).
+            pace_per_kill=(send_seconds or 0.2 * 4 * kills_each) / (4 * kills_each),
+            hold_to_kills=send_seconds is None,
             send_timeout=3 * 3600.0,
             drain_timeout=600.0,
             killer_options=KILLER,
@@ -102,10 +107,11 @@ def _run(
     kills_each: int,
     seed: int,
     stop_kills: threading.Event | None = None,
+    send_seconds: float | None = None,
 ) -> tuple[CrashRun, dict[str, object]]:
     print(f"seed {seed}: {instances} instances, {kills_each} kills of each of {TARGETS}")
     began = time.monotonic()
-    run = crash_suite(work_dir, instances, kills_each, seed, stop_kills)
+    run = crash_suite(work_dir, instances, kills_each, seed, stop_kills, send_seconds)
     summary = _summary(run, time.monotonic() - began)
     print(run.report(each_kill=False))
     print(json.dumps(summary, indent=2))
@@ -135,6 +141,12 @@ def main() -> int:
         help="stop killing after this many seconds (then send the rest and check);"
         " SIGUSR1 does the same at any time",
     )
+    parser.add_argument(
+        "--send-seconds",
+        type=float,
+        help="spread the sending over this many seconds instead of holding it back to the"
+        " kills (with --kill-deadline on a slow machine)",
+    )
     args = parser.parse_args()
     logging.getLogger("protocol").setLevel(logging.ERROR)  # the killed associations
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="crash-suite-"))
@@ -145,7 +157,9 @@ def main() -> int:
         timer = threading.Timer(args.kill_deadline, stop_kills.set)
         timer.daemon = True
         timer.start()
-    run, summary = _run(work_dir, args.instances, args.kills_each, args.seed, stop_kills)
+    run, summary = _run(
+        work_dir, args.instances, args.kills_each, args.seed, stop_kills, args.send_seconds
+    )
     kill_lines = [
         f"{k.at:8.1f} s {k.target:<11} pid {k.pid:<7} up {k.uptime:5.1f} s {k.detail}"
         for k in run.kills
