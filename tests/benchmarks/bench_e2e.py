@@ -431,7 +431,9 @@ def _rate(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
-def _paired(runs: list[Run], corpus: Corpus, a: str, b: str, key: Callable[[Run], float]) -> list:
+def _paired(
+    runs: list[Run], corpus: Corpus, a: str, b: str, key: Callable[[Run], float]
+) -> list[float]:
     """key(a) / key(b) for every repetition where both succeeded."""
     by_rep: dict[int, dict[str, Run]] = {}
     for r in runs:

@@ -33,7 +33,7 @@ from types import FrameType
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, StoragePresentationContexts, evt
 from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 # PS3.4 Annex B.2.3: Refused, Out of Resources (used when the destination is unreachable
 # or gave no response, so the sender sees a failure rather than a false success).
@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         signal.pause()
     finally:
-        server.shutdown()
+        if server is not None:
+            server.shutdown()
         onward.close()
     return 0
 
