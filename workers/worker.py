@@ -285,8 +285,7 @@ class Worker:
                         await self._send(self._hello())
                     else:
                         await self._send(Credit(0).encode())
-                    for pool in self._pools.values():
-                        await pool.close_idle()  # associations unused for a while go
+                    await self._close_idle_pools()
             await self._finish_in_flight()
             deadline = time.monotonic() + 10
             while self._results and time.monotonic() < deadline:
@@ -294,11 +293,18 @@ class Worker:
             recorder.cancel()
             await self._send(Bye().encode())
         finally:
-            for pool in self._pools.values():
+            for pool in list(self._pools.values()):  # a delivery may still add one
                 await pool.close()
             self._disconnect()
             context.term()
             await asyncio.get_running_loop().run_in_executor(None, self._queue.release, self.name)
+
+    async def _close_idle_pools(self) -> None:
+        """Release associations unused for a while. Over a snapshot: while one pool
+        releases, a delivery to a destination new to this worker adds its pool (the
+        worker died of "dictionary changed size during iteration")."""
+        for pool in list(self._pools.values()):
+            await pool.close_idle()
 
     def _hello(self) -> bytes:
         free = max(0, self._credit - self._outstanding)
