@@ -93,7 +93,9 @@ from peers import (
 )
 from suts import ROUTER, NaiveForwarder, Node, Orthanc, Router, group_cpu, orthanc_missing
 
-DEFAULT_WORK = Path("/tmp/dicom-router-bench/e2e")
+# Per process: two runs at once (several sessions share this machine) never share a
+# run directory. Emptied as runs succeed; a failed run's directory is kept for its logs.
+DEFAULT_WORK = Path(f"/tmp/dicom-router-bench/e2e-{os.getpid()}")
 CASES = ("none", "router", "orthanc", "naive", "router+dead")
 DEFAULT_CASES = "none,router,orthanc,naive"
 POLL_S = 0.02
@@ -602,6 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(f"## End to end, DCMTK storescu -> system -> DCMTK storescp ({', '.join(settings)})\n")
     print(table(runs, corpora, cases))
+    with contextlib.suppress(OSError):
+        args.work_dir.rmdir()  # only if empty: no failed run kept there
     return 0 if all(r.ok for r in runs) else 1
 
 

@@ -42,6 +42,7 @@ Not part of the test command; figures on a shared 2-core VM are noisy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -68,7 +69,9 @@ from corpus import Corpus, bench_uid, ensure_corpus
 from peers import NODELAY_ENV
 from suts import Node, proc_name
 
-DEFAULT_WORK = Path("/tmp/dicom-router-bench/scaling")
+# Per process: two runs at once (several sessions share this machine) never share a
+# run directory. Emptied as runs succeed; a failed run's directory is kept for its logs.
+DEFAULT_WORK = Path(f"/tmp/dicom-router-bench/scaling-{os.getpid()}")
 
 
 # ------------------------------------------------------------------ corpora
@@ -349,7 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     check_tools(parser)
     os.environ.update(NODELAY_ENV)
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    return run_rss(args) if args.rss else run_scaling(args)
+    rc = run_rss(args) if args.rss else run_scaling(args)
+    with contextlib.suppress(OSError):
+        args.work_dir.rmdir()  # only if empty: no failed run kept there
+    return rc
 
 
 if __name__ == "__main__":
