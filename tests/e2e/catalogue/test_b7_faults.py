@@ -1,9 +1,9 @@
 """Catalogue B.7: crash and fault injection (listener, dispatcher, worker, queue).
 
 One forwarding node walks through every durability boundary (router/failpoints.py):
-``serve --listeners 2 --workers 2`` with two DCMTK storescp destinations and ALL
+``serve --listeners 4 --workers 4`` with two DCMTK storescp destinations and ALL
 failpoints armed once (``DICOM_ROUTER_FAILPOINT_ONCE``), so each boundary SIGKILLs its
-process exactly once while the supervisor restarts what died (two listeners and two
+process exactly once while the supervisor restarts what died (several listeners and
 workers keep the supervisor's restart pauses short: each process name has its own).
 Instances are stored one at a time, so the listener dies at its boundaries in order:
 received_last_fragment, after_file_fsync, after_rename, after_dir_fsync (FI-01),
@@ -15,8 +15,11 @@ would. The jobs being forwarded meanwhile meet the dispatcher's boundaries
 in the same run: a SIGKILL of the listener during a 32 MiB receive (FI-05, scaled down
 from 2 GiB), SIGTERM while instances arrive (FI-10), stale state planted while the node
 is down (a temporary file, a spool file without a row, a job leased by a dead worker
-whose lease expired: FI-19), a restart, and the drain. FI-09 (SIGKILL of the supervisor)
-has a node of its own. The tests below assert on what the walk recorded, one per case and boundary.
+whose lease expired: FI-19), a restart, four associations storing at once into the
+four listeners while the four workers forward (FI-13, SQLite contention), the drain, a
+spool file deleted under a waiting job (FI-20), and ``PRAGMA integrity_check``. FI-09
+(SIGKILL of the supervisor) has a node of its own. The tests below assert on what the
+walk recorded, one per case and boundary.
 
 The promises (catalogue B.7's invariant): every instance acknowledged with a success
 status is, after recovery and draining, at every destination (at least once); nothing
@@ -51,6 +54,7 @@ from ingest_support import (
     CT_IMAGE,
     EXPLICIT_LE,
     HOST,
+    OUT_OF_RESOURCES,
     SUCCESS,
     encode_dataset,
     make_dataset,
@@ -79,6 +83,7 @@ WORKER_POINTS = (
 ALL_POINTS = (*LISTENER_POINTS, *DISPATCHER_POINTS, *WORKER_POINTS)
 LEASE_SECONDS = 3
 BIG = 32 << 20  # FI-05's receive, scaled down from 2 GiB (the kill comes at 4 MiB)
+CONTENTION = 160  # FI-13: instances stored over four associations at once
 WAIT = 120.0  # generous: the machine may be loaded (assert behaviour, not speed)
 LIVE = ("pending", "leased", "retry_wait")
 
@@ -180,6 +185,9 @@ class Walk:
     final_exit: int | None = None
     kills_in_log: int = 0
     deleted: tuple[object, str, str] = (0, "", "")  # FI-20: job, state, last error
+    contention: dict[str, int] = field(default_factory=dict)  # FI-13: uid -> status
+    contention_unrecorded: list[str] = field(default_factory=list)
+    integrity: list[tuple[object, ...]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     def note(self, problem: str) -> None:
@@ -359,6 +367,29 @@ def _plant_stale_state(walk: Walk, waiting: list[str]) -> None:
     walk.planted["uid"] = uid
 
 
+def _contention(walk: Walk) -> None:
+    """FI-13: four associations store at once into four listeners (four workers are
+    forwarding meanwhile): every store is answered."""
+    node = walk.node
+    corpus = dict(_instance() for _ in range(CONTENTION))
+    work = iter(corpus.items())
+
+    async def sender() -> None:
+        async with open_association(node.port, dimse_timeout=60) as assoc:
+            for uid, data in work:
+                rsp = await assoc.send_c_store(data, CT_IMAGE, uid, EXPLICIT_LE)
+                walk.contention[uid] = rsp.status
+
+    async def senders() -> None:
+        await asyncio.gather(*(sender() for _ in range(4)))
+
+    asyncio.run(senders())
+    acknowledged = {uid for uid, status in walk.contention.items() if status == SUCCESS}
+    recorded = {str(u) for (u,) in node.query("select sop_instance_uid from instances")}
+    walk.contention_unrecorded = sorted(acknowledged - recorded)
+    walk.acknowledged |= acknowledged
+
+
 def _drain(walk: Walk) -> None:
     node = walk.node
 
@@ -432,7 +463,7 @@ def walk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Walk]:
         "DICOM_ROUTER_FAILPOINT_ONCE": str(once),
     }
     node = Node(root, lease_seconds=LEASE_SECONDS, env=env)
-    serve_args = ("--listeners", "2", "--workers", "2")
+    serve_args = ("--listeners", "4", "--workers", "4")
     walk = Walk(node, scps, once, serve_args)
     began = time.monotonic()
 
@@ -477,12 +508,15 @@ def walk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Walk]:
                 walk.big_resend = status
             if status == SUCCESS:
                 walk.acknowledged.add(uid)
+        _contention(walk)
+        step("contention")
         _drain(walk)
         step("drained")
         _spool_file_deleted(walk)
         step("spool file deleted")
         walk.dead = [row for row in walk.dead if row[0] != walk.deleted[0]]
         walk.final_exit = node.stop(WAIT)
+        walk.integrity = node.query("pragma integrity_check")
         walk.kills_in_log = node.log_path.read_text(errors="replace").count("(status -9)")
         yield walk
     finally:
@@ -896,3 +930,100 @@ def test_fi_08_jobs_leased_beside_a_poison_instance_are_not_dead_lettered(
     states = {uid: poison_run.jobs[uid] for uid in poison_run.beside}
     assert all(state == "done" for state, _, _ in states.values()), states
     assert poison_run.beside <= poison_run.received
+
+
+# --------------------------------------------------------------------------------------
+# FI-11, FI-12: the database goes away under the listener
+# --------------------------------------------------------------------------------------
+@dataclass
+class Attempt:
+    uid: str
+    started: float
+    ended: float
+    status: int | None
+
+
+@pytest.mark.postgresql
+def test_fi_11_fi_12_postgresql_killed_during_commits_never_success_without_a_row(
+    tmp_path: Path,
+) -> None:
+    """PostgreSQL is shut down "immediate" (SIGQUIT to the postmaster: backends killed,
+    no checkpoint, crash recovery at the next start) while a sender stores: no C-STORE
+    is answered success without its row (FI-12); stores while it is down are answered
+    0xA700 (FI-11); once it is back the same listener process stores again."""
+    from db_support import PostgresServer, db_query, require_postgres
+
+    require_postgres()
+    server = PostgresServer()
+    scp = StoreSCP(tmp_path, "pacs")  # never started: the jobs stay pending
+    try:
+        server.start()
+        url = server.url(server.create_database())
+        node = Node(tmp_path, env={"DICOM_ROUTER_DB": url})
+        node.configure([scp])
+        node.start("--workers", "0", timeout=WAIT)
+        listener = _pids(node, "listener")
+        attempts: list[Attempt] = []
+        stop = threading.Event()
+
+        def send() -> None:
+            while not stop.is_set():
+                uid, data = _instance()
+                started = time.monotonic()
+                status = _store(node.port, uid, data)
+                attempts.append(Attempt(uid, started, time.monotonic(), status))
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        try:
+            assert _wait(lambda: sum(a.status == SUCCESS for a in attempts) >= 10, WAIT, 0.05)
+            assert server.process is not None
+            argv = Path(f"/proc/{server.process.pid}/cmdline").read_text().split("\0")[:-1]
+            postmaster = int((server.base / "data" / "postmaster.pid").read_text().split()[0])
+            os.kill(postmaster, signal.SIGQUIT)
+            server.process.wait(60)
+            gone = time.monotonic()  # the postmaster has exited: nothing can commit now
+            _wait(lambda: sum(a.started > gone for a in attempts) >= 3, WAIT, 0.1)
+            restarting = time.monotonic()
+            with open(server.base / "postgres.log", "ab") as log:
+                server.process = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+                )
+            server._wait_ready()
+            up = time.monotonic()
+            assert _wait(
+                lambda: any(a.started > up and a.status == SUCCESS for a in attempts), WAIT, 0.1
+            ), node.log_tail()
+        finally:
+            stop.set()
+            sender.join(WAIT)
+        recorded = {str(u) for (u,) in db_query(url, "select sop_instance_uid from instances")}
+        acknowledged = {a.uid for a in attempts if a.status == SUCCESS}
+        assert acknowledged - recorded == set(), "acknowledged without a row"
+        while_down = [a.status for a in attempts if a.started > gone and a.ended < restarting]
+        assert while_down and SUCCESS not in while_down, while_down
+        assert OUT_OF_RESOURCES in while_down, while_down  # refused, not cut off
+        assert _pids(node, "listener") == listener, "the listener was restarted"
+        node.kill_all()
+    finally:
+        server.stop()
+
+
+def _pids(node: Node, prefix: str) -> list[int | None]:
+    status = node.status()
+    assert status is not None
+    return [p.pid for p in status.processes if p.name.startswith(prefix)]
+
+
+def test_fi_13_sqlite_contention_4_listeners_4_workers_no_loss_no_corruption(
+    walk: Walk,
+) -> None:
+    # Four listeners and four workers on one SQLite file while four associations store
+    # at once: each store answered (a locked database waited for, or 0xA700), never
+    # acknowledged without its commit; the file is intact after all the kills.
+    statuses = walk.contention
+    assert len(statuses) == CONTENTION, len(statuses)
+    assert set(statuses.values()) <= {SUCCESS, OUT_OF_RESOURCES}, set(statuses.values())
+    assert walk.contention_unrecorded == [], walk.contention_unrecorded
+    assert walk.integrity == [("ok",)], walk.integrity
+    _assert_no_loss(walk)
