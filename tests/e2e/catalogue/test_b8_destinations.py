@@ -30,6 +30,7 @@ import itertools
 import os
 import sqlite3
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -39,7 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ingest_support import make_dataset, write_part10
+from ingest_support import EXPLICIT_LE, make_dataset, require_dcmtk, write_part10
+from pydicom.encaps import encapsulate
 from test_forwarding_faults import Node, StoreSCP
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -215,6 +217,9 @@ DST_16 = {
         ("1MiB", 1 << 20, 1 << 20),
     ]
 }
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+DS_07_FRAGMENT = b"\xff\xd8\xfe\xff\xdd\xe0\x00\x00\x00\x00\xfe\xff\x0d\xe0\x00\x00\xff\xd9"
+DS_07 = case("ds-07")
 PT_10_TEXT = "../../../../tmp/pt10-from-destination"
 PT_10 = case("pt-10", store=always(Reply(status=0xB000, error_comment=PT_10_TEXT)))
 FLAPPING = Flapping(FLAP_PERIOD, FLAP_FOR)
@@ -304,9 +309,10 @@ class Bed:
         self.node, self.good, self.scps, self.root = node, good, scps, root
         self._sent = itertools.count()
 
-    def send(self, name: str, count: int = 1, *, big: bool = False) -> set[str]:
+    def send(self, name: str, count: int = 1, *, big: bool = False, jpeg: bool = False) -> set[str]:
         """``count`` CT instances routed to ``name`` (and "good"), sent by DCMTK storescu
-        (exit 0: each acknowledged)."""
+        (exit 0: each acknowledged); ``jpeg``: encapsulated, with delimiter bytes inside
+        the fragment (DS-07)."""
         study = self.root / f"study-{next(self._sent)}-{name}"
         study.mkdir()
         uids = set()
@@ -316,9 +322,20 @@ class Bed:
             if big:  # 2 MiB of pixel data: spans many fragments at every Maximum Length
                 ds.Rows = ds.Columns = 1024
                 ds.PixelData = os.urandom(1024 * 1024 * 2)
-            write_part10(ds, study / f"{i:03d}.dcm")
+            if jpeg:
+                ds.PixelData = encapsulate([DS_07_FRAGMENT])
+                ds["PixelData"].VR = "OB"
+            write_part10(ds, study / f"{i:03d}.dcm", JPEG_BASELINE if jpeg else EXPLICIT_LE)
             uids.add(str(ds.SOPInstanceUID))
-        self.node.send(study)
+        if not jpeg:
+            self.node.send(study)
+            return uids
+        # storescu proposes uncompressed syntaxes only, unless told (-xy: JPEG 8-bit).
+        argv = [require_dcmtk("storescu"), "-xy", "-aec", "ROUTER", "+sd", "127.0.0.1"]
+        result = subprocess.run(
+            [*argv, str(self.node.port), str(study)], capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr + self.log_tail()
         return uids
 
     def query(self, sql: str, *params: object) -> list[tuple[Any, ...]]:
@@ -348,10 +365,12 @@ class Bed:
             for job, outcome, status, error, started, duration in rows
         ]
 
-    def run(self, name: str, count: int = 1, *, big: bool = False) -> Run:
-        """Send, wait until the case's jobs are done or dead and the good destination has
-        the instances; check the worker kept serving it and nothing died."""
-        uids = self.send(name, count, big=big)
+    def run(
+        self, name: str, count: int = 1, *, big: bool = False, jpeg: bool = False, good: bool = True
+    ) -> Run:
+        """Send, wait until the case's jobs are done or dead and (unless ``good`` is
+        False) the good destination has the instances; check that nothing died."""
+        uids = self.send(name, count, big=big, jpeg=jpeg)
         deadline = time.monotonic() + SETTLE
         while time.monotonic() < deadline:
             jobs = self.jobs(name)
@@ -361,7 +380,9 @@ class Bed:
         jobs = self.jobs(name)
         assert {j.sop_instance_uid for j in jobs} == uids, jobs
         assert all(j.state in ("done", "dead") for j in jobs), (jobs, self.log_tail())
-        self.assert_good_has(uids)
+        if good:
+            self.assert_good_has(uids)
+        assert "exited (status" not in self.node.log(), self.log_tail()
         self.assert_forwarded_unchanged(name, uids)
         return Run(jobs, self.attempts(name), uids)
 
@@ -751,3 +772,27 @@ def test_pt_10_text_from_a_destination_never_becomes_a_path(bed: Bed) -> None:
     assert PT_10_TEXT in (run.attempts[0].error or ""), run.attempts
     assert not os.path.lexists(target)
     assert not os.path.lexists(bed.node.data.parent / "pt10-from-destination")
+
+
+# --------------------------------------------------------------------------------------
+# DS-07 (catalogue B.6): forwarded byte for byte
+# --------------------------------------------------------------------------------------
+def test_ds_07_delimiter_bytes_inside_a_fragment_are_forwarded_byte_identically(bed: Bed) -> None:
+    """A JPEG Baseline instance whose fragment holds ``FE FF DD E0 00 00 00 00`` and
+    ``FE FF 0D E0``, sent by DCMTK storescu: the scripted destination receives a data
+    set hashing to what the node received (Bed.run), which is the spool file's, fragment
+    bytes included. (DCMTK storescp, the good destination, accepts no JPEG by default:
+    that job is dead-lettered at once, DST-07's outcome with a real peer.)"""
+    run = bed.run(DS_07, jpeg=True, good=False)
+    assert run.job.state == "done", run
+    (uid,) = run.uids
+    ((name, digest),) = bed.query(
+        "select spool_name, digest from instances where sop_instance_uid = ?", uid
+    )
+    data = (bed.node.data / "spool" / "store" / name).read_bytes()
+    assert DS_07_FRAGMENT in data
+    (got,) = [s for s in bed.scps[DS_07].record.stored if s.sop_instance == uid]
+    assert got.sha256 == digest
+    good = [j for j in bed.jobs("good") if j.sop_instance_uid == uid]
+    assert [j.state for j in good] == ["dead"], good
+    assert "presentation context not accepted" in (good[0].last_error or ""), good
