@@ -150,10 +150,12 @@ class StoreSCP:
         self.proc: subprocess.Popen[bytes] | None = None
         self._uids: dict[str, str] = {}  # file name -> SOP Instance UID
 
-    def start(self) -> None:
+    def start(self, *extra: str) -> None:
+        """Start storescp (``extra``: more of its options, e.g. ``--refuse``)."""
         self.proc = subprocess.Popen(
             [
                 require_dcmtk("storescp"),
+                *extra,
                 "+uf",  # unique file names: a second copy is a second file
                 "-aet",
                 self.name.upper(),

@@ -17,7 +17,8 @@ from 2 GiB), SIGTERM while instances arrive (FI-10), stale state planted while t
 is down (a temporary file, a spool file without a row, a job leased by a dead worker
 whose lease expired: FI-19), a restart, four associations storing at once into the
 four listeners while the four workers forward (FI-13, SQLite contention), the drain, a
-spool file deleted under a waiting job (FI-20), and ``PRAGMA integrity_check``. FI-09
+spool file deleted under a waiting job (FI-20), a job dead-lettered by a refusing
+destination, its file kept and ``queue retry`` (FI-21), and ``PRAGMA integrity_check``. FI-09
 (SIGKILL of the supervisor) has a node of its own. The tests below assert on what the
 walk recorded, one per case and boundary.
 
@@ -188,6 +189,7 @@ class Walk:
     contention: dict[str, int] = field(default_factory=dict)  # FI-13: uid -> status
     contention_unrecorded: list[str] = field(default_factory=list)
     integrity: list[tuple[object, ...]] = field(default_factory=list)
+    retention: dict[str, object] = field(default_factory=dict)  # FI-21
     errors: list[str] = field(default_factory=list)
 
     def note(self, problem: str) -> None:
@@ -451,6 +453,38 @@ def _spool_file_deleted(walk: Walk) -> None:
     walk.deleted = (job, *state())
 
 
+def _dead_letter_kept_and_retried(walk: Walk) -> None:
+    """FI-21: archive refuses every association (a permanent reject: dead letter at
+    once) while pacs takes the instance; its spool file stays while the archive job is
+    dead; once archive accepts again, ``queue retry`` delivers it and the file goes."""
+    node = walk.node
+    archive = next(scp for scp in walk.scps if scp.name == "archive")
+    archive.stop()
+    archive.start("--refuse")
+    [uid] = _more_traffic(walk, 1)
+    walk.acknowledged.discard(uid)  # its delivery is this case's own assertion
+    [(job, spool_name)] = node.query(
+        "select j.id, i.spool_name from jobs j join instances i on i.id = j.instance_id"
+        " join destinations d on d.id = j.destination_id"
+        " where i.sop_instance_uid = ? and d.name = 'archive'",
+        uid,
+    )
+
+    def state() -> str:
+        return str(node.query("select state from jobs where id = ?", job)[0][0])
+
+    _wait(lambda: state() == "dead" and uid in walk.scps[0].received(), WAIT, 0.2)
+    time.sleep(5)  # two janitor sweeps: it must leave the file of a dead job alone
+    path = node.data_dir / "spool" / "store" / str(spool_name)
+    walk.retention = {"dead": state(), "kept": path.exists()}
+    archive.stop()
+    archive.start()
+    node.cli("queue", "retry", "--destination", "archive")
+    _wait(lambda: state() == "done" and uid in archive.received(), WAIT, 0.2)
+    _wait(lambda: not path.exists(), 30, 0.5)
+    walk.retention.update(retried=state(), removed=not path.exists())
+
+
 @pytest.fixture(scope="module")
 def walk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Walk]:
     require_dcmtk("storescp")
@@ -514,6 +548,8 @@ def walk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Walk]:
         step("drained")
         _spool_file_deleted(walk)
         step("spool file deleted")
+        _dead_letter_kept_and_retried(walk)
+        step("dead letter retried")
         walk.dead = [row for row in walk.dead if row[0] != walk.deleted[0]]
         walk.final_exit = node.stop(WAIT)
         walk.integrity = node.query("pragma integrity_check")
@@ -665,6 +701,13 @@ def test_fi_20_spool_file_deleted_while_its_job_waits_is_dead_lettered_once(
     assert state == "dead", walk.deleted
     # Dead at the first attempt that found the file gone (the earlier ones were refused).
     assert "spool file missing" in error, error
+
+
+def test_fi_21_a_dead_lettered_job_keeps_the_file_and_queue_retry_delivers_it(
+    walk: Walk,
+) -> None:
+    assert walk.retention == {"dead": "dead", "kept": True, "retried": "done", "removed": True}
+    _assert_no_loss(walk)
 
 
 def test_every_boundary_killed_its_process_once(walk: Walk) -> None:
