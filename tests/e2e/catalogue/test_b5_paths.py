@@ -13,9 +13,8 @@ UID and the data set's are checked separately: the command's is what a file name
 once have been built from (CVE-2022-2119), the data set's Study/Series Instance UIDs
 are stored in the database (PT-02).
 
-PT-10 (worker side: destinations' UIDs never become paths) is P2 and not here: workers
-only send (workers/sender.py opens spool files by the router's own names; a response's
-UIDs are only compared, protocol/net/client.py).
+PT-10 (worker side: text from a destination never becomes a path) is in
+test_b8_destinations.py, which has the forwarding node and the scripted destinations.
 """
 
 from __future__ import annotations
