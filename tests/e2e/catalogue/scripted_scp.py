@@ -236,7 +236,7 @@ def parse_command(data: bytes) -> Command:
         offset += 8 + length
 
     def us(tag: int) -> int:
-        return struct.unpack("<H", values.get(tag, b"\0\0")[:2])[0]
+        return int(struct.unpack("<H", values.get(tag, b"\0\0")[:2])[0])
 
     return Command(
         field=us(0x00000100),
