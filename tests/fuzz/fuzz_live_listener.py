@@ -74,6 +74,7 @@ class Outcome:
     REJECTED = "rejected"  # A-ASSOCIATE-RJ
     RELEASED = "released"  # A-RELEASE-RP (a valid release among the input)
     CLOSED = "closed"  # the node closed with no A-ABORT
+    RESET = "reset"  # the connection was reset (a write or half-close after the node's close)
     HANG = "hang"
     ODD = "odd"  # a PDU the node should never send there
 
@@ -299,11 +300,19 @@ class Client:
     # -- connection loops ----------------------------------------------------------------
     async def one_shot(self, kind: str) -> None:
         data = S.mutate(self.rng, *self._rq_seed()) if kind == "rq" else self.whole_stream()
-        reader, writer = await self.connect()
+        try:
+            reader, writer = await self.connect()
+        except OSError:
+            with self.budget.get_lock():  # nothing was sent: not an input
+                self.budget.value += 1
+            raise
         try:
             shut = kind == "stream" or not S.framing_complete(data)
-            await self.send(writer, data, shut)
-            result = await self.outcome(reader, "close" if kind == "stream" else "ac")
+            try:
+                await self.send(writer, data, shut)
+                result = await self.outcome(reader, "close" if kind == "stream" else "ac")
+            except OSError:
+                result = Outcome.RESET
             self.record(kind, data, result)
         finally:
             await self.close(writer)
@@ -328,8 +337,11 @@ class Client:
                 kind, data, mode = self.session_input()
                 if mode != "shut" and not S.framing_complete(data):
                     mode = "shut"
-                await self.send(writer, data + SYNC if mode == "sync" else data, mode == "shut")
-                result = await self.outcome(reader, "close" if mode == "shut" else mode)
+                try:
+                    await self.send(writer, data + SYNC if mode == "sync" else data, mode == "shut")
+                    result = await self.outcome(reader, "close" if mode == "shut" else mode)
+                except OSError:  # reset by the node (after its abort): ECONNRESET, ENOTCONN
+                    result = Outcome.RESET
                 self.record(kind, data, result)
                 if result != Outcome.ANSWERED or mode == "shut":
                     return
