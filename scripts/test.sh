@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything the tests need on a fresh Debian machine and run them.
 #   scripts/test.sh [pytest args...]
-# Installs the system peers the tests use (DCMTK; later PostgreSQL, openssl, iproute2),
+# Installs the system peers the tests use (DCMTK, openssl, strace, PostgreSQL),
 # builds a fresh virtual environment with the package installed non-editable (so a file
 # missing from the wheel fails here), then runs pytest (on-demand suites excluded).
 set -euo pipefail
