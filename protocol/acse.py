@@ -55,6 +55,7 @@ MIN_PEER_MAX_PDU = 7
 
 # Presentation context results (PS3.8 9.3.3.2, Table 9-18).
 ACCEPTANCE = 0
+USER_REJECTION = 1
 NO_REASON = 2
 ABSTRACT_SYNTAX_NOT_SUPPORTED = 3
 TRANSFER_SYNTAXES_NOT_SUPPORTED = 4
@@ -78,6 +79,9 @@ class AcceptorPolicy:
     #: Accept any (valid) abstract syntax not in ``supported``, with ``transfer_syntaxes``
     #: (storescp-like applications that store whatever they are sent).
     accept_any_abstract_syntax: bool = False
+    #: (Calling AE Title, abstract syntax) -> may this requestor use it? False answers the
+    #: context with result 1, user-rejection (an operation the peer is not allowed).
+    abstract_syntax_permitted: Callable[[str, str], bool] | None = None
     transfer_syntaxes: tuple[str, ...] = UNCOMPRESSED_TRANSFER_SYNTAXES
     #: When none of our transfer syntaxes was proposed, accept the requestor's first valid
     #: one instead of rejecting the context with result 4.
@@ -121,7 +125,7 @@ def negotiate_as_acceptor(
     identity_reply = _check_user_identity(user.user_identity_rq, policy)
     if isinstance(identity_reply, AAssociateRJ):
         return identity_reply
-    replies = _negotiate_contexts(rq.presentation_contexts, policy, limits)
+    replies = _negotiate_contexts(rq.presentation_contexts, policy, limits, rq.calling_ae)
     accepted = {
         pc.abstract_syntax
         for pc, reply in zip(rq.presentation_contexts, replies, strict=True)
@@ -177,7 +181,10 @@ def _check_user_identity(
 
 
 def _negotiate_contexts(
-    contexts: Sequence[PresentationContextRQ], policy: AcceptorPolicy, limits: Limits
+    contexts: Sequence[PresentationContextRQ],
+    policy: AcceptorPolicy,
+    limits: Limits,
+    calling_ae: str,
 ) -> list[PresentationContextAC]:
     id_counts = Counter(pc.context_id for pc in contexts)
     replies = []
@@ -188,17 +195,22 @@ def _negotiate_contexts(
         if bad_id or index >= limits.max_presentation_contexts:
             replies.append(PresentationContextAC(cid, NO_REASON))
         else:
-            result, transfer_syntax = _negotiate_context(pc, policy)
+            result, transfer_syntax = _negotiate_context(pc, policy, calling_ae)
             replies.append(PresentationContextAC(cid, result, transfer_syntax))
     return replies
 
 
-def _negotiate_context(pc: PresentationContextRQ, policy: AcceptorPolicy) -> tuple[int, str]:
+def _negotiate_context(
+    pc: PresentationContextRQ, policy: AcceptorPolicy, calling_ae: str
+) -> tuple[int, str]:
     if len(pc.abstract_syntaxes) != 1:  # catalogue MP-22
         return NO_REASON, ""
     abstract = pc.abstract_syntaxes[0].rstrip("\0")
     if not is_valid_uid(abstract):  # catalogue MP-23
         return ABSTRACT_SYNTAX_NOT_SUPPORTED, ""
+    permitted = policy.abstract_syntax_permitted
+    if permitted is not None and not permitted(calling_ae, abstract):  # catalogue SEC-05
+        return USER_REJECTION, ""
     ours = policy.supported.get(abstract)
     if ours is None:
         if not policy.accept_any_abstract_syntax:

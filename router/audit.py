@@ -28,6 +28,7 @@ event                    EventID                              action  EventTypeC
 =======================  ===================================  ======  ===================
 association-accepted     110113 Security Alert (A.5.3.11)     E       110126 Node Auth.
 association-refused      110113 Security Alert                E       110126 Node Auth.
+operation-refused        110113 Security Alert                E       110132 Restricted
 authentication-failure   110114 User Authentication (.12)     E       110122 Login
 instance-received        110104 DICOM Instances Transferred   C / R
 instance-forwarded       110104 DICOM Instances Transferred   R
@@ -116,6 +117,7 @@ NODE_AUTHENTICATION = _dcm("110126", "Node Authentication")
 NETWORK_CONFIGURATION = _dcm("110128", "Network Configuration")
 SECURITY_CONFIGURATION = _dcm("110129", "Security Configuration")
 SOFTWARE_CONFIGURATION = _dcm("110131", "Software Configuration")
+RESTRICTED_FUNCTION = _dcm("110132", "Use of Restricted Function")
 # RoleIDCode (CID 402)
 APPLICATION = _dcm("110150", "Application")
 DESTINATION_ROLE = _dcm("110152", "Destination Role ID")
@@ -148,6 +150,7 @@ CONFIGURATION_KINDS = {
 EVENTS = (
     "association-accepted",
     "association-refused",
+    "operation-refused",
     "authentication-failure",
     "instance-received",
     "instance-forwarded",
@@ -340,6 +343,28 @@ def association_refused(
         (_node(peer_host, [("Alert Description", alert)]),),
         (NODE_AUTHENTICATION,),
         description=refusal,
+    )
+
+
+def operation_refused(
+    *, local_ae: str, calling_ae: str, peer_host: str, operation: str, contexts: int
+) -> AuditRecord:
+    """A known source proposed presentation contexts for an operation it is not allowed
+    (catalogue SEC-05): they were answered with result 1, user-rejection (PS3.8
+    9.3.3.2), while the association and the contexts it may use were accepted."""
+    alert = (
+        f"calling AE {calling_ae!r} may not {operation}: "
+        f"{contexts} presentation context(s) rejected (user-rejection)"
+    )
+    return AuditRecord(
+        "operation-refused",
+        SECURITY_ALERT,
+        "E",
+        MINOR_FAILURE,
+        (peer_ae(calling_ae, peer_host, requestor=True), this_process(local_ae)),
+        (_node(peer_host, [("Alert Description", alert)]),),
+        (RESTRICTED_FUNCTION,),
+        description=alert,
     )
 
 

@@ -1,6 +1,6 @@
 """``dicom-router check``: every setting that leaves the node open (DESIGN §6).
 
-Pure: settings, destinations, sources and file modes in, findings out. A finding is
+Pure: settings, destinations, sources, users and file modes in, findings out. A finding is
 "open" when it lets someone on the network do more than a careful operator would allow
 (any calling AE may store, traffic in clear, secrets readable by others), "note" when
 it is worth knowing but often deliberate (listening on every interface).
@@ -120,6 +120,21 @@ def check_users(users: Iterable[Any], mode: str) -> Iterator[Finding]:
                 yield Finding(
                     NOTE, f"users.{user.name}", "no passcode", "cannot log in (mode password)"
                 )
+
+
+def check_sources(sources: Iterable[Any], accept: str) -> Iterator[Finding]:
+    """The sources table against the accept policy (``Repository.list_sources``): with
+    accept = "any" the table is not read, so a source's limits hold nobody back."""
+    if accept != "any":
+        return
+    for source in sources:
+        if tuple(source.operations) != ("echo", "store"):
+            yield Finding(
+                OPEN,
+                f"sources.{source.ae_title}",
+                f"allow {','.join(source.operations)}",
+                'not enforced: with listener.accept = "any" every calling AE may echo and store',
+            )
 
 
 def check_destinations(destinations: Iterable[Any]) -> Iterator[Finding]:

@@ -719,6 +719,24 @@ def _iter_paths(paths: Iterable[str]) -> Iterable[Path]:
 
 
 # -- sources ------------------------------------------------------------------------------------
+#: What a source may be allowed (router.db.models.SOURCE_OPERATIONS, spelled out so that
+#: `--help` needs no heavy import).
+_SOURCE_OPERATIONS = ("echo", "store")
+
+
+def _parse_operations(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in _SOURCE_OPERATIONS]
+    if unknown or not names:
+        raise click.BadParameter(
+            f"{value!r}: use one or more of {','.join(_SOURCE_OPERATIONS)}, comma-separated"
+        )
+    return tuple(op for op in _SOURCE_OPERATIONS if op in names)
+
+
+_allow_help = "what the source may do: echo (C-ECHO), store (C-STORE), or echo,store"
+
+
 @main.group()
 def sources() -> None:
     """Known calling AE titles (used when listener.accept = "known")."""
@@ -727,10 +745,24 @@ def sources() -> None:
 @sources.command("add")
 @click.argument("ae_title")
 @click.option("--address", "addresses", multiple=True, help="allowed IP address or CIDR block")
+@click.option(
+    "--allow",
+    "operations",
+    default=",".join(_SOURCE_OPERATIONS),
+    show_default=True,
+    callback=_parse_operations,
+    help=_allow_help,
+)
 @json_option
 @pass_context
-def sources_add(context: Context, ae_title: str, addresses: tuple[str, ...], as_json: bool) -> None:
-    """Add a known source, optionally pinned to addresses."""
+def sources_add(
+    context: Context,
+    ae_title: str,
+    addresses: tuple[str, ...],
+    operations: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Add a known source, optionally pinned to addresses and limited in what it may do."""
     import ipaddress
 
     _check_ae_title(ae_title)
@@ -740,10 +772,32 @@ def sources_add(context: Context, ae_title: str, addresses: tuple[str, ...], as_
         except ValueError:
             _fail(f"invalid address or CIDR block {address!r}")
     with _repository_errors():
-        context.repository().add_source(ae_title, list(addresses))
-    _audit_change(context, "source", "add", ae_title, ", ".join(addresses) or "any address")
+        context.repository().add_source(ae_title, list(addresses), operations)
+    where = ", ".join(addresses) or "any address"
+    _audit_change(context, "source", "add", ae_title, f"{where}; allow {','.join(operations)}")
     _emit_one(
-        as_json, {"ae_title": ae_title, "addresses": list(addresses)}, f"added source {ae_title}"
+        as_json,
+        {"ae_title": ae_title, "addresses": list(addresses), "allow": list(operations)},
+        f"added source {ae_title}",
+    )
+
+
+@sources.command("allow")
+@click.argument("ae_title")
+@click.argument("operations", callback=_parse_operations, metavar="OPERATIONS")
+@json_option
+@pass_context
+def sources_allow(
+    context: Context, ae_title: str, operations: tuple[str, ...], as_json: bool
+) -> None:
+    """Set what a known source may do (echo, store, or echo,store), from its next association."""
+    with _repository_errors():
+        source = context.repository().set_source_operations(ae_title, operations)
+    _audit_change(context, "source", "allow", ae_title, ",".join(source.operations))
+    _emit_one(
+        as_json,
+        {"ae_title": ae_title, "allow": list(source.operations)},
+        f"source {ae_title} may {' and '.join(source.operations)}",
     )
 
 
@@ -753,10 +807,10 @@ def sources_add(context: Context, ae_title: str, addresses: tuple[str, ...], as_
 def sources_list(context: Context, as_json: bool) -> None:
     """List known sources."""
     rows = [
-        {"ae_title": s.ae_title, "addresses": list(s.addresses)}
+        {"ae_title": s.ae_title, "addresses": list(s.addresses), "allow": list(s.operations)}
         for s in context.repository().list_sources()
     ]
-    _emit(as_json, rows, ["ae_title", "addresses"], "sources")
+    _emit(as_json, rows, ["ae_title", "addresses", "allow"], "sources")
 
 
 @sources.command("remove")
@@ -843,6 +897,7 @@ def check(context: Context, strict: bool, as_json: bool) -> None:
         check_destinations,
         check_files,
         check_settings,
+        check_sources,
         check_users,
         node_files,
     )
@@ -853,6 +908,7 @@ def check(context: Context, strict: bool, as_json: bool) -> None:
         repository = context.repository()
         findings += check_destinations(repository.list_destinations())
         findings += check_users(repository.list_users(), settings.security.user_identity)
+        findings += check_sources(repository.list_sources(), settings.listener.accept)
     rows = [
         {"level": f.level, "setting": f.setting, "value": f.value, "why": f.why} for f in findings
     ]
@@ -1062,6 +1118,7 @@ _JOB_STATES = click.Choice(["pending", "leased", "retry_wait", "done", "dead"])
 _AUDIT_EVENTS = (
     "association-accepted",
     "association-refused",
+    "operation-refused",
     "authentication-failure",
     "instance-received",
     "instance-forwarded",

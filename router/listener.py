@@ -60,6 +60,8 @@ class RuleCache:
         self.version = -1
         self.rules = RuleSet.compile([])
         self.sources: dict[str, tuple[str, ...]] = {}
+        #: calling AE -> what it may do (catalogue SEC-05; router/node.py enforces it)
+        self.operations: dict[str, frozenset[str]] = {}
 
     def load(self) -> None:
         """Read the version; reload rules and sources only when it moved (every change
@@ -67,7 +69,9 @@ class RuleCache:
         version = self._repository.rules_version()
         if version != self.version:
             self.rules = RuleSet.compile(self._repository.list_rules())
-            self.sources = {s.ae_title: tuple(s.addresses) for s in self._repository.list_sources()}
+            sources = self._repository.list_sources()
+            self.sources = {s.ae_title: tuple(s.addresses) for s in sources}
+            self.operations = {s.ae_title: frozenset(s.operations) for s in sources}
             self.version = version
             log.info("rules loaded (version %d, %d rules)", version, len(self.rules.rules))
 

@@ -23,12 +23,14 @@ from protocol.limits import Limits
 from protocol.net import AssociationInfo, Timeouts
 from protocol.net.server import SCPAssociation, SCPServer
 from protocol.pdu import AAssociateRJ, AAssociateRQ
+from protocol.uids import VERIFICATION
 from router.admission import NodeWideSCPServer, SharedAdmission, admission_path
 from router.audit import (
     AuditLog,
     application_activity,
     association_observer,
     authentication_failure,
+    operation_refused,
     tls_refused,
 )
 from router.db.engine import make_engine
@@ -80,16 +82,21 @@ def recover(settings: Settings, repository: Repository) -> None:
         )
 
 
-def acceptor_policy(settings: ListenerSettings, user_identity: bool = False) -> AcceptorPolicy:
+def acceptor_policy(
+    settings: ListenerSettings,
+    user_identity: bool = False,
+    permitted: Callable[[str, str], bool] | None = None,
+) -> AcceptorPolicy:
     # The node stores what it is sent as it is: any storage SOP class, and the
     # transfer syntax the requestor proposed first (compressed data stays compressed).
     # With user identity required, ``identity_gate`` has verified it before negotiation;
     # the hook only answers a requested positive response (empty for types 1 and 2,
-    # PS3.7 D.3.3.7.2).
+    # PS3.7 D.3.3.7.2). ``permitted``: SourceOperations.permitted (accept = "known").
     return AcceptorPolicy(
         ae_title=settings.ae_title,
         require_called_ae=settings.check_called_ae,
         accept_any_abstract_syntax=True,
+        abstract_syntax_permitted=permitted,
         transfer_syntaxes=(),
         accept_any_transfer_syntax=True,
         max_pdu_length=settings.max_pdu_length,
@@ -167,6 +174,75 @@ def known_sources_gate(
     return admit
 
 
+def operation_of(abstract_syntax: str) -> str:
+    """The source operation a presentation context serves: the listener accepts any
+    abstract syntax, so everything but Verification (C-ECHO, PS3.4 A) is storage."""
+    return "echo" if abstract_syntax == VERIFICATION else "store"
+
+
+class SourceOperations:
+    """accept = "known": what each source may do (catalogue SEC-05, ``sources add
+    --allow``). ``permitted`` is the negotiation's predicate: a context for an operation
+    the calling AE may not use is answered with result 1, user-rejection (PS3.8 9.3.3.2),
+    and the association goes on with the rest (Verification for an echo-only source), so
+    no C-STORE can arrive on an accepted context. ``admit`` notes what an RQ will have
+    refused; ``observe`` reports it once the association is accepted: one WARNING with the
+    peer's address and one audit record (none when the association is rejected anyway)."""
+
+    def __init__(
+        self,
+        operations: Callable[[], dict[str, frozenset[str]]],
+        audit: AuditLog | None,
+        local_ae: str,
+    ) -> None:
+        self._operations = operations
+        self._audit = audit
+        self._local_ae = local_ae
+        self._pending: dict[int, tuple[str, int]] = {}  # association id -> refused
+
+    def permitted(self, calling_ae: str, abstract_syntax: str) -> bool:
+        allowed = self._operations().get(calling_ae)
+        # Not a source: the known-sources gate refused it before negotiation.
+        return allowed is None or operation_of(abstract_syntax) in allowed
+
+    def admit(self, info: AssociationInfo, rq: AAssociateRQ) -> None:
+        refused: dict[str, int] = {}
+        for pc in rq.presentation_contexts:
+            if len(pc.abstract_syntaxes) != 1:
+                continue  # rejected with result 2 whoever proposes it (MP-22)
+            abstract = pc.abstract_syntaxes[0].rstrip("\0")
+            if not self.permitted(rq.calling_ae, abstract):
+                operation = operation_of(abstract)
+                refused[operation] = refused.get(operation, 0) + 1
+        if refused:
+            operations = ", ".join(sorted(refused))
+            self._pending[info.association_id] = (operations, sum(refused.values()))
+
+    def observe(self, event: str, info: AssociationInfo, rejection: AAssociateRJ | None) -> None:
+        pending = self._pending.pop(info.association_id, None)
+        if pending is None or event != "accepted":
+            return
+        operation, contexts = pending
+        log.warning(
+            "%s: calling AE %r may not %s: %d presentation context(s) rejected "
+            "(result 1, user-rejection)",
+            info.peer,
+            info.calling_ae,
+            operation,
+            contexts,
+        )
+        if self._audit is not None:
+            self._audit.write(
+                operation_refused(
+                    local_ae=self._local_ae,
+                    calling_ae=info.calling_ae,
+                    peer_host=info.peer_host,
+                    operation=operation,
+                    contexts=contexts,
+                )
+            )
+
+
 def _address_in(host: str, allowed: tuple[str, ...]) -> bool:
     try:
         address = ipaddress.ip_address(host)
@@ -229,6 +305,11 @@ async def run_listener(
         write=listener.write_timeout,
     )
     gate = known_sources_gate(lambda: rules.sources) if listener.accept == "known" else None
+    operations = (
+        SourceOperations(lambda: rules.operations, audit, listener.ae_title)
+        if listener.accept == "known"
+        else None
+    )
     mode = settings.security.user_identity
     identity = (
         identity_gate(IdentityCheck(mode, repository.user_secrets), audit, listener.ae_title)
@@ -246,11 +327,17 @@ async def run_listener(
         refusal = gate(info, rq) if gate is not None else None
         if refusal is None and identity is not None:
             refusal = identity(info, rq)
+        if refusal is None and operations is not None:
+            operations.admit(info, rq)
         return refusal
 
     if listener.accept == "any":
         log.warning('listener.accept = "any": every calling AE title may store to this node')
-    policy = acceptor_policy(listener, user_identity=mode != "none")
+    policy = acceptor_policy(
+        listener,
+        user_identity=mode != "none",
+        permitted=operations.permitted if operations is not None else None,
+    )
     admission = None
     if shared is None:
         server = SCPServer(node, policy, limits, timeouts, admit)
@@ -284,8 +371,7 @@ async def run_listener(
         loop.add_signal_handler(signum, stop.set)
     refresher = asyncio.ensure_future(rules.keep_fresh())
     node.metrics.watch(server)
-    if audit is not None:
-        server.on_association_outcome = association_observer(audit, listener.ae_title)
+    server.on_association_outcome = _outcome_observer(audit, listener.ae_title, operations)
     log.info("listening on %s:%d as %s", listener.bind, server.port, listener.ae_title)
     if on_ready is not None:
         on_ready(server.port)
@@ -303,6 +389,23 @@ async def run_listener(
             audit.close()
         if admission is not None:
             admission.close()
+
+
+def _outcome_observer(
+    audit: AuditLog | None, local_ae: str, operations: SourceOperations | None
+) -> Callable[[str, AssociationInfo, AAssociateRJ | None], None] | None:
+    """The association's audit record, then (accepted) what its source may not do."""
+    recorders = [association_observer(audit, local_ae)] if audit is not None else []
+    if operations is not None:
+        recorders.append(operations.observe)
+    if not recorders:
+        return None
+
+    def observe(event: str, info: AssociationInfo, rejection: AAssociateRJ | None) -> None:
+        for record in recorders:
+            record(event, info, rejection)
+
+    return observe
 
 
 def _tls_failure_audit(audit: AuditLog | None, local_ae: str) -> Callable[[str, int, str], None]:

@@ -188,6 +188,11 @@ class RuleDestinationRow(Base):
     destination: Mapped[DestinationRow] = relationship(lazy="joined")
 
 
+#: Operations a source may be allowed (catalogue SEC-05): C-ECHO (the Verification SOP
+#: Class) and C-STORE (any other abstract syntax the listener accepts).
+SOURCE_OPERATIONS = ("echo", "store")
+
+
 class SourceRow(Base):
     __tablename__ = "sources"
 
@@ -195,6 +200,8 @@ class SourceRow(Base):
     ae_title: Mapped[str] = mapped_column(String(AE_LENGTH), unique=True)
     # IP addresses and CIDR blocks the source may connect from; empty: any address.
     addresses: Mapped[list[str]] = mapped_column(JSON)
+    # What the source may do once associated: a non-empty subset of SOURCE_OPERATIONS.
+    operations: Mapped[list[str]] = mapped_column(JSON)
     created_at: Mapped[dt.datetime] = _created()
 
 

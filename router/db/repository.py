@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, selectinload
 from router.db.engine import WRITE_OPTION, make_session_factory
 from router.db.models import (
     LIVE_JOB_STATES,
+    SOURCE_OPERATIONS,
     DestinationRow,
     InstanceRow,
     InstanceState,
@@ -113,6 +114,7 @@ class Source:
     ae_title: str
     addresses: tuple[str, ...]  # IP addresses and CIDR blocks; empty: any address
     created_at: dt.datetime
+    operations: tuple[str, ...] = SOURCE_OPERATIONS  # what it may do (SEC-05)
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,7 +325,12 @@ class Repository:
             return version or 0
 
     # -- sources -----------------------------------------------------------------------
-    def add_source(self, ae_title: str, addresses: Sequence[str] = ()) -> Source:
+    def add_source(
+        self,
+        ae_title: str,
+        addresses: Sequence[str] = (),
+        operations: Iterable[str] = SOURCE_OPERATIONS,
+    ) -> Source:
         if not ae_title.strip() or len(ae_title) > 16:
             raise InvalidValue(f"invalid AE title {ae_title!r}: 1-16 characters")
         for address in addresses:
@@ -331,11 +338,28 @@ class Repository:
                 ipaddress.ip_network(address, strict=False)
             except ValueError as exc:
                 raise InvalidValue(f"invalid address {address!r}: {exc}") from exc
-        row = SourceRow(ae_title=ae_title, addresses=list(addresses), created_at=self._clock())
+        allowed = _operations(operations)
+        row = SourceRow(
+            ae_title=ae_title,
+            addresses=list(addresses),
+            operations=list(allowed),
+            created_at=self._clock(),
+        )
         with self._write() as session:
             if session.scalar(select(SourceRow.id).where(SourceRow.ae_title == ae_title)):
                 raise AlreadyExists(f"source {ae_title!r} already exists")
             _insert(session, row, f"source {ae_title!r} already exists")
+            _bump_version(session)
+            return _source(row)
+
+    def set_source_operations(self, ae_title: str, operations: Iterable[str]) -> Source:
+        """What a known source may do from its next association on."""
+        allowed = _operations(operations)
+        with self._write() as session:
+            row = session.scalar(select(SourceRow).where(SourceRow.ae_title == ae_title))
+            if row is None:
+                raise NotFound(f"no source {ae_title!r}")
+            row.operations = list(allowed)
             _bump_version(session)
             return _source(row)
 
@@ -625,7 +649,19 @@ def _stored_user(row: UserRow) -> StoredUser:
 
 
 def _source(row: SourceRow) -> Source:
-    return Source(row.ae_title, tuple(row.addresses), row.created_at)
+    return Source(row.ae_title, tuple(row.addresses), row.created_at, tuple(row.operations))
+
+
+def _operations(operations: Iterable[str]) -> tuple[str, ...]:
+    """A non-empty subset of SOURCE_OPERATIONS, in their canonical order."""
+    given = set(operations)
+    unknown = sorted(given - set(SOURCE_OPERATIONS))
+    if unknown:
+        names = ", ".join(SOURCE_OPERATIONS)
+        raise InvalidValue(f"unknown operation {unknown[0]!r}: use one or more of {names}")
+    if not given:
+        raise InvalidValue("a source must be allowed at least one operation")
+    return tuple(op for op in SOURCE_OPERATIONS if op in given)
 
 
 def _instance(row: InstanceRow) -> Instance:

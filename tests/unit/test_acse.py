@@ -293,6 +293,29 @@ def test_all_contexts_rejected_still_accepts_association() -> None:
     assert [p.result for p in ac.presentation_contexts] == [3]
 
 
+def test_sec05_contexts_not_permitted_are_user_rejected() -> None:
+    """A context the calling AE may not use is answered with result 1 (user-rejection,
+    PS3.8 9.3.3.2); the rest of the association goes on, and a refused context's SOP
+    class gets no role reply."""
+    asked: list[tuple[str, str]] = []
+
+    def echo_only(calling_ae: str, abstract_syntax: str) -> bool:
+        asked.append((calling_ae, abstract_syntax))
+        return abstract_syntax == VERIFICATION
+
+    policy = replace(POLICY, abstract_syntax_permitted=echo_only)
+    contexts = (
+        PresentationContextRQ(1, (VERIFICATION,), (IMPLICIT_VR_LE,)),
+        PresentationContextRQ(3, (CT,), (IMPLICIT_VR_LE,)),
+        PresentationContextRQ(5, ("1.2.3.04",), (IMPLICIT_VR_LE,)),  # invalid UID: 3 first
+    )
+    roles = (RoleSelection(CT, True, False),)
+    ac = accept(rq(*contexts, calling="ECHO1", role_selections=roles), policy)
+    assert results(ac) == [(1, 0, IMPLICIT_VR_LE), (3, 1, ""), (5, 3, "")]
+    assert ac.user_information.role_selections == ()
+    assert asked == [("ECHO1", VERIFICATION), ("ECHO1", CT)]
+
+
 # -- roles ------------------------------------------------------------------------------------
 def test_role_selection_reply() -> None:
     policy = replace(POLICY, scp_role_sop_classes=frozenset({VERIFICATION}))

@@ -81,6 +81,13 @@ def _every_kind() -> list[AuditRecord]:
         audit.configuration_changed("destination", "add", "pacs", summary="PACS at h:104"),
         audit.application_activity(started=True, ae_title="ROUTER"),
         audit.audit_log_used(Path("audit.jsonl")),
+        audit.operation_refused(
+            local_ae="ROUTER",
+            calling_ae="ECHO1",
+            peer_host="10.0.0.7",
+            operation="store",
+            contexts=2,
+        ),
     ]
 
 
@@ -133,6 +140,22 @@ def test_association_accepted_and_refused_are_security_alerts_of_node_authentica
     assert "reason 7 (called-AE-title-not-recognized)" in refused.description
     detail = refused.as_dict()["ParticipantObjectIdentification"][0]["ParticipantObjectDetail"]
     assert detail[0]["type"] == "Alert Description" and "'WRONG'" in detail[0]["value"]
+
+
+def test_an_operation_refused_is_a_security_alert_of_a_restricted_function() -> None:
+    """Catalogue SEC-05: a source's contexts for an operation it may not use."""
+    record = audit.operation_refused(
+        local_ae="ROUTER", calling_ae="ECHO1", peer_host="10.0.0.7", operation="store", contexts=2
+    ).as_dict()
+    assert record["event"] == "operation-refused"
+    assert _code(record, "EventIdentification", "EventID") == "110113"
+    assert _code(record, "EventIdentification", "EventTypeCode", 0) == "110132"
+    assert record["EventIdentification"]["EventOutcomeIndicator"] == audit.MINOR_FAILURE
+    description = record["EventIdentification"]["EventOutcomeDescription"]
+    assert "'ECHO1' may not store" in description and "2 presentation context(s)" in description
+    requestor, node = record["ActiveParticipant"]
+    assert requestor["UserID"] == "ECHO1" and requestor["NetworkAccessPointID"] == "10.0.0.7"
+    assert not node["UserIsRequestor"]
 
 
 def test_an_unknown_calling_ae_is_also_an_authentication_failure() -> None:

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 from click.testing import CliRunner
 
-from router.check import OPEN, check_destinations, check_files, check_settings
+from router.check import OPEN, check_destinations, check_files, check_settings, check_sources
 from router.cli import main
 from router.settings import ListenerSettings, MetricsSettings, SecuritySettings, Settings
 
@@ -59,6 +59,31 @@ def test_destinations_in_clear_text_off_this_host() -> None:
         SimpleNamespace(name="secure", host="10.0.0.6", port=2762, tls=object()),
     ]
     assert [f.setting for f in check_destinations(destinations)] == ["destinations.pacs"]
+
+
+def test_source_limits_not_enforced_with_accept_any() -> None:
+    """Catalogue SEC-05: `--allow echo` holds only with accept = "known"; with "any" the
+    sources are not read, and check says so for each limited source."""
+    sources = [
+        SimpleNamespace(ae_title="ECHO1", operations=("echo",)),
+        SimpleNamespace(ae_title="CT1", operations=("echo", "store")),
+    ]
+    [finding] = check_sources(sources, "any")
+    assert (finding.level, finding.setting, finding.value) == (OPEN, "sources.ECHO1", "allow echo")
+    assert list(check_sources(sources, "known")) == []
+
+
+def test_the_command_names_a_limited_source_with_accept_any(tmp_path: Path) -> None:
+    runner = CliRunner()
+    data = ["--data-dir", str(tmp_path / "data")]
+    assert runner.invoke(main, [*data, "init"]).exit_code == 0
+    add = ["sources", "add", "ECHO1", "--allow", "echo"]
+    assert runner.invoke(main, [*data, *add]).exit_code == 0
+    result = runner.invoke(main, [*data, "check", "--json"])
+    assert "sources.ECHO1" in {row["setting"] for row in json.loads(result.stdout)}
+    env = {"DICOM_ROUTER_LISTENER_ACCEPT": "known"}
+    result = runner.invoke(main, [*data, "check", "--json"], env=env)
+    assert "sources.ECHO1" not in {row["setting"] for row in json.loads(result.stdout)}
 
 
 def test_files_open_to_others_or_the_group(tmp_path: Path) -> None:

@@ -226,11 +226,33 @@ def test_sources_add_list_remove_and_bad_cidr(initialised: Run) -> None:
     run = initialised
     run("sources", "add", "CT1", "--address", "10.1.2.0/24", "--address", "10.9.9.9")
     assert _json(run("sources", "list", "--json")) == [
-        {"ae_title": "CT1", "addresses": ["10.1.2.0/24", "10.9.9.9"]}
+        {"ae_title": "CT1", "addresses": ["10.1.2.0/24", "10.9.9.9"], "allow": ["echo", "store"]}
     ]
     run("sources", "add", "CT2", "--address", "10.0.0.0/33", ok=False)
     run("sources", "remove", "CT1", "--json")
     assert _json(run("sources", "list", "--json")) == []
+
+
+def test_sources_allow_echo_or_store(initialised: Run) -> None:
+    """Catalogue SEC-05: `--allow` on add, `sources allow` later; shown by `list`."""
+    run = initialised
+    added = _json(run("sources", "add", "ECHO1", "--allow", "echo", "--json"))
+    assert added == {"ae_title": "ECHO1", "addresses": [], "allow": ["echo"]}
+    run("sources", "add", "CT1", "--allow", "store, echo")
+    for bad in ("find", "", "echo,find"):
+        run("sources", "add", "CT2", "--allow", bad, ok=False)
+    assert _json(run("sources", "allow", "CT1", "store", "--json")) == {
+        "ae_title": "CT1",
+        "allow": ["store"],
+    }
+    run("sources", "allow", "GHOST", "echo", ok=False)
+    run("sources", "allow", "CT1", "nothing", ok=False)
+    assert {s["ae_title"]: s["allow"] for s in _json(run("sources", "list", "--json"))} == {
+        "CT1": ["store"],
+        "ECHO1": ["echo"],
+    }
+    table = run("sources", "list").stdout
+    assert "allow" in table and "echo, store" not in table
 
 
 def test_bad_config_file_is_one_line(run: Run, tmp_path: Path) -> None:

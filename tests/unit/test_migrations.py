@@ -128,6 +128,28 @@ def test_downgrade_to_base_and_up_again(url: str, engine: Engine) -> None:
     assert current_revision(engine) == head_revision()
 
 
+def test_0004_sources_made_before_keep_echo_and_store(url: str, engine: Engine) -> None:
+    """Catalogue SEC-05: a source of 0003 could echo and store; after 0004 it still may
+    (and the downgrade drops the column again)."""
+    command.upgrade(alembic_config(url), "0003")
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO sources (ae_title, addresses, created_at)"
+                " VALUES ('CT1', '[\"10.0.0.5\"]', CURRENT_TIMESTAMP)"
+            )
+        )
+    upgrade(url, backup=False)
+    from router.db.repository import Repository
+
+    [source] = Repository(engine).list_sources()
+    assert (source.ae_title, source.addresses) == ("CT1", ("10.0.0.5",))
+    assert source.operations == ("echo", "store")
+    command.downgrade(alembic_config(url), "0003")
+    columns = {c["name"] for c in inspect(engine).get_columns("sources")}
+    assert "operations" not in columns and "addresses" in columns
+
+
 def test_check_schema_on_an_empty_database(engine: Engine) -> None:
     with pytest.raises(SchemaMissing, match="run `dicom-router init`"):
         check_schema(engine)

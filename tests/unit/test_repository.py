@@ -272,6 +272,31 @@ def test_sources(repo: Repository) -> None:
     assert [s.ae_title for s in repo.list_sources()] == ["MR1"]
 
 
+def test_source_operations(repo: Repository) -> None:
+    """Catalogue SEC-05: what a source may do; both by default, in canonical order."""
+    assert repo.add_source("CT1").operations == ("echo", "store")
+    assert repo.add_source("ECHO1", operations=["echo"]).operations == ("echo",)
+    assert repo.add_source("ST1", ["10.0.0.5"], ["store", "echo"]).operations == ("echo", "store")
+    before = repo.rules_version()
+    assert repo.set_source_operations("CT1", ["store"]).operations == ("store",)
+    assert repo.rules_version() > before  # listeners reload sources on the next association
+    assert {s.ae_title: s.operations for s in repo.list_sources()} == {
+        "CT1": ("store",),
+        "ECHO1": ("echo",),
+        "ST1": ("echo", "store"),
+    }
+    with pytest.raises(InvalidValue, match="'find'"):
+        repo.add_source("US1", operations=["echo", "find"])
+    with pytest.raises(InvalidValue, match="at least one"):
+        repo.add_source("US1", operations=[])
+    with pytest.raises(InvalidValue, match="at least one"):
+        repo.set_source_operations("CT1", [])
+    with pytest.raises(NotFound, match="GHOST"):
+        repo.set_source_operations("GHOST", ["echo"])
+    assert [s.ae_title for s in repo.list_sources()] == ["CT1", "ECHO1", "ST1"]
+    assert repo.list_sources()[0].operations == ("store",)
+
+
 # -- ingest ---------------------------------------------------------------------------------
 @pytest.fixture
 def two(repo: Repository) -> Repository:

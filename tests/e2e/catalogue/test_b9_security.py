@@ -10,8 +10,9 @@ cases here (the rate limit of SEC-09 does not exist; `dicom-router check` covers
 file modes of SEC-20, tests/unit/test_check.py).
 
 The module's node knows the sources GOODSCU, GOODECHO and E2E-SCU (the good peers,
-any address), PINNED (only from 10.9.9.9) and a source whose AE title holds shell
-metacharacters; a rule "meta" matches a PatientName full of SQL metacharacters.
+any address), PINNED (only from 10.9.9.9), ECHOONLY and STOREONLY (allowed one
+operation each) and a source whose AE title holds shell metacharacters; a rule "meta"
+matches a PatientName full of SQL metacharacters.
 """
 
 from __future__ import annotations
@@ -24,7 +25,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import ABORT_1, HOST, RawPeer, catalogue_dataset
+from harness import (
+    ABORT_1,
+    CT_IMAGE,
+    EXPLICIT_LE,
+    HOST,
+    IMPLICIT_LE,
+    VERIFICATION,
+    RawPeer,
+    abort_8,
+    catalogue_dataset,
+    dataset_bytes,
+    parse_ac,
+    store_pdata,
+)
+from pydicom.uid import generate_uid
 
 from tests.e2e.catalogue.conftest import CatalogueNode
 from tests.e2e.ingest_support import require_dcmtk, write_part10
@@ -69,6 +84,8 @@ def _configure(node: CatalogueNode) -> None:
         for source in ("GOODSCU", "GOODECHO", "E2E-SCU", "MODALITY", SHELL_AET):
             repository.add_source(source)
         repository.add_source("PINNED", ["10.9.9.9"])
+        repository.add_source("ECHOONLY", operations=["echo"])
+        repository.add_source("STOREONLY", operations=["store"])
         repository.add_destination("meta", "META", HOST, 9)
         condition = parse_condition(f"PatientName == {SQL_NAME}")
         repository.add_rule(RuleSpec("meta", 100, True, False, (condition,), ("meta",)))
@@ -152,15 +169,81 @@ def test_sec_04_ae_comparison(catalogue_node, invariant, called, calling, expect
             peer.expect_reject(*expected, WITHIN)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="no per-peer operations: a known source may always C-STORE once it may "
-    "associate (sources add has no way to allow C-ECHO and not C-STORE; neither storage "
-    "contexts rejected with result 1 nor C-STORE answered 0x0124 is possible)",
-)
-def test_sec_05_a_peer_allowed_to_echo_but_not_to_store(catalogue_node):
-    result = catalogue_node.cli("sources", "add", "ECHOONLY", "--allow", "echo", check=False)
-    assert result.returncode == 0, result.stderr
+# -- SEC-05: operations per source --------------------------------------------------------
+MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
+STORAGE_CONTEXTS = ((3, CT_IMAGE, (EXPLICIT_LE, IMPLICIT_LE)), (5, MR_IMAGE, (IMPLICIT_LE,)))
+MIXED_CONTEXTS = ((1, VERIFICATION, (IMPLICIT_LE,)), *STORAGE_CONTEXTS)
+
+
+def _refused_records(node: CatalogueNode, before: int, calling: str) -> list[dict[str, object]]:
+    new = _audit(node)[before:]
+    return [r for r in new if r["event"] == "operation-refused" and calling in json.dumps(r)]
+
+
+def _dcmtk(node: CatalogueNode, tool: str, calling: str, *files: str) -> int:
+    argv = [require_dcmtk(tool), "-aet", calling, "-aec", "ROUTER", HOST, str(node.port), *files]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60).returncode
+
+
+def test_sec_05_a_peer_allowed_to_echo_but_not_to_store(catalogue_node, invariant, tmp_path):
+    """ECHOONLY (`sources add ECHOONLY --allow echo`) associates; Verification is
+    accepted and answered, its storage contexts are rejected with result 1
+    (user-rejection, PS3.8 9.3.3.2), so no C-STORE can be sent on an accepted context;
+    one WARNING with the peer's address and one audit record (Security Alert, 110132 Use
+    of Restricted Function). DCMTK: echoscu succeeds; storescu finds no accepted context
+    and nothing is stored."""
+    listed = json.loads(catalogue_node.cli("sources", "list", "--json").stdout)
+    assert {"ae_title": "ECHOONLY", "addresses": [], "allow": ["echo"]} in listed
+    invariant.expect_warning(
+        r"calling AE 'ECHOONLY' may not store: 2 presentation context\(s\) rejected "
+        r"\(result 1, user-rejection\)"
+    )
+    before = len(_audit(catalogue_node))
+    with RawPeer(HOST, catalogue_node.port) as peer:
+        ac = parse_ac(peer.associate(calling="ECHOONLY", contexts=MIXED_CONTEXTS))
+        assert [(cid, result) for cid, result, _ in ac.contexts] == [(1, 0), (3, 1), (5, 1)]
+        assert peer.echo(context_id=1) == 0x0000
+        peer.release()
+    [record] = _refused_records(catalogue_node, before, "ECHOONLY")
+    event = record["EventIdentification"]
+    assert event["EventID"]["csd-code"] == "110113"  # type: ignore[index]
+    assert event["EventTypeCode"][0]["csd-code"] == "110132"  # type: ignore[index]
+    assert event["EventOutcomeIndicator"] == 4 and HOST in json.dumps(record)  # type: ignore[index]
+
+    rows = catalogue_node.uids()
+    assert _dcmtk(catalogue_node, "echoscu", "ECHOONLY") == 0
+    ds = catalogue_dataset()
+    path = write_part10(ds, tmp_path / "refused.dcm")
+    assert _dcmtk(catalogue_node, "storescu", "ECHOONLY", str(path)) != 0
+    assert catalogue_node.uids() == rows and str(ds.SOPInstanceUID) not in rows
+
+
+def test_sec_05_a_c_store_on_a_rejected_context_is_aborted(catalogue_node, invariant):
+    """A peer that sends its C-STORE anyway, on the context answered with result 1,
+    gets ABORT-8(6) as for any context not accepted (MP-32); nothing is stored."""
+    invariant.expect_warning(r"may not store|context 3, which is not accepted", count=2)
+    uid = generate_uid()
+    with RawPeer(HOST, catalogue_node.port) as peer:
+        ac = parse_ac(peer.associate(calling="ECHOONLY", contexts=MIXED_CONTEXTS))
+        assert ac.result(3) == 1
+        peer.send(store_pdata(3, 1, CT_IMAGE, uid, dataset_bytes(uid))[0])  # the command
+        peer.expect(abort_8(6), WITHIN)
+    assert uid not in catalogue_node.uids()
+
+
+def test_sec_05_a_peer_allowed_to_store_but_not_to_echo(catalogue_node, invariant, tmp_path):
+    """STOREONLY (`--allow store`): the storage contexts are accepted and it stores; its
+    Verification context is rejected with result 1, so DCMTK's echoscu fails."""
+    invariant.expect_warning(r"calling AE 'STOREONLY' may not echo: 1 presentation context")
+    before = len(_audit(catalogue_node))
+    with RawPeer(HOST, catalogue_node.port) as peer:
+        ac = parse_ac(peer.associate(calling="STOREONLY", contexts=MIXED_CONTEXTS))
+        assert [(cid, result) for cid, result, _ in ac.contexts] == [(1, 1), (3, 0), (5, 0)]
+        peer.release()
+    assert len(_refused_records(catalogue_node, before, "STOREONLY")) == 1
+    assert _dcmtk(catalogue_node, "echoscu", "STOREONLY") != 0
+    uid = _store(catalogue_node, tmp_path, "STOREONLY")
+    invariant.acknowledged(uid)
 
 
 # -- SEC-11: TLS on the plain port ----------------------------------------------------------
