@@ -960,13 +960,6 @@ def test_fi_08_poison_instance_is_dead_lettered_after_n_crashes_others_flow(
     assert all(poison_run.jobs[uid][0] == "done" for uid in poison_run.later)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: jobs leased in the same batch as a poison instance die with the worker"
-    " at each of its crashes, so their deliveries reach workers.max_deliveries too and"
-    " they are dead-lettered as 'worker crashed N times' without ever being the cause"
-    " (a job whose lease expired is leased again beside others, not alone)",
-)
 def test_fi_08_jobs_leased_beside_a_poison_instance_are_not_dead_lettered(
     poison_run: PoisonRun,
 ) -> None:
