@@ -163,17 +163,70 @@ def check_files(paths: Iterable[Path]) -> Iterator[Finding]:
             yield Finding(NOTE, str(path), oct(stat.S_IMODE(mode)), "open to the file's group")
 
 
-def node_files(settings: Settings) -> list[Path]:
-    """The node's files that hold secrets or patient data."""
+def node_files(settings: Settings, config_file: Path | None = None) -> list[Path]:
+    """The node's files that hold secrets or patient data (``config_file``: the one in
+    use, when it is not the data directory's)."""
     audit = settings.data_dir / "audit"
     paths = [settings.data_dir, settings.data_dir / "config.toml", settings.spool_dir]
     paths += [audit, audit / "audit.jsonl"]
     database = settings.database_url
     if database.startswith("sqlite:///"):
         paths.append(Path(database[len("sqlite:///") :]))
+    paths += [path for path, _ in secret_files(settings, config_file)]
+    return list(dict.fromkeys(paths))
+
+
+def config_file_in_use(given: str | None, settings: Settings, environ: Any = None) -> Path | None:
+    """The TOML file ``load_settings`` read: ``--config``, else DICOM_ROUTER_CONFIG, else
+    the data directory's config.toml when there is one."""
+    import os
+
+    env = os.environ if environ is None else environ
+    name = given or env.get("DICOM_ROUTER_CONFIG")
+    if name:
+        return Path(name)
+    return settings.config_path if settings.config_path.is_file() else None
+
+
+def secret_files(
+    settings: Settings, config_file: Path | None = None, destinations: Iterable[Any] = ()
+) -> list[tuple[Path, str]]:
+    """(path, what it is) of the files whose contents are secrets (catalogue SEC-20):
+    private keys (the listener's TLS key, the node's CURVE key, destinations' TLS
+    client keys) and a config file that holds a database password."""
+    files: list[tuple[Path, str]] = []
     if settings.listener.tls_key:
-        paths.append(Path(settings.listener.tls_key))
-    return paths
+        files.append((Path(settings.listener.tls_key), "the listener's TLS key"))
+    if settings.workers.key:
+        files.append((Path(settings.workers.key), "the node's CURVE secret key"))
+    for destination in destinations:
+        key = getattr(destination.tls, "key", None)
+        if key:
+            files.append((Path(key), f"the TLS key of destination {destination.name}"))
+    if config_file is not None and _names_a_password(config_file):
+        files.append((config_file, "the config file (it holds a database password)"))
+    return files
+
+
+def open_secrets(files: Iterable[tuple[Path, str]]) -> Iterator[str]:
+    """One line for each secret file the group or other users may access: what
+    ``serve`` warns of at start-up (SEC-20), and ``check`` lists too."""
+    for path, what in files:
+        for finding in check_files([path]):
+            yield f"{what} {path} is {finding.why} (mode {finding.value})"
+
+
+def _names_a_password(path: Path) -> bool:
+    """A ``db`` URL with a password in it (``postgresql+psycopg://user:secret@host/db``)."""
+    import tomllib
+    from urllib.parse import urlsplit
+
+    try:
+        with path.open("rb") as f:
+            url = tomllib.load(f).get("db", "")
+        return isinstance(url, str) and bool(urlsplit(url).password)
+    except (OSError, ValueError):  # unreadable or not TOML: settings said so already
+        return False
 
 
 def _is_loopback(host: str) -> bool:

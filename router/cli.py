@@ -241,8 +241,10 @@ def serve(ctx: click.Context, **flags: Any) -> None:
     from router.node import NodeBusy
 
     context.repository()  # refuses an out-of-date schema with a clear message
+    from router.check import config_file_in_use
+
     try:
-        serve_node(settings)
+        serve_node(settings, config_file_in_use(root.get("config"), settings))
     except NodeBusy as exc:
         _fail(str(exc))
 
@@ -899,16 +901,23 @@ def check(context: Context, strict: bool, as_json: bool) -> None:
         check_settings,
         check_sources,
         check_users,
+        config_file_in_use,
         node_files,
+        secret_files,
     )
 
     settings = context.settings
-    findings = [*check_settings(settings), *check_files(node_files(settings))]
+    files = node_files(settings, config_file_in_use(ctx_config(), settings))
+    findings = list(check_settings(settings))
     if _database_exists(settings):
         repository = context.repository()
-        findings += check_destinations(repository.list_destinations())
+        destinations = repository.list_destinations()
+        findings += check_destinations(destinations)
         findings += check_users(repository.list_users(), settings.security.user_identity)
         findings += check_sources(repository.list_sources(), settings.listener.accept)
+        keys = secret_files(settings, destinations=destinations)  # their TLS keys (SEC-20)
+        files += [path for path, _ in keys if path not in files]
+    findings += check_files(files)
     rows = [
         {"level": f.level, "setting": f.setting, "value": f.value, "why": f.why} for f in findings
     ]

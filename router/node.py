@@ -13,7 +13,8 @@ import logging
 import os
 import signal
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from router.audit import (
     operation_refused,
     tls_refused,
 )
-from router.db.engine import make_engine
+from router.db.engine import checkpoint_wal, make_engine
 from router.db.migrate import check_schema
 from router.db.repository import Repository
 from router.listener import GroupCommitter, ListenerNode, RuleCache
@@ -280,7 +281,7 @@ async def run_listener(
     index, the number of listeners): the association limits are counted node-wide in
     the file the supervisor made (router/admission.py)."""
     loop = asyncio.get_running_loop()
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, checkpoints=False)  # the janitor's job
     check_schema(engine)
     repository = Repository(engine)
     spool = Spool(settings.spool_dir, settings.spool)
@@ -416,17 +417,32 @@ def _tls_failure_audit(audit: AuditLog | None, local_ae: str) -> Callable[[str, 
     return record
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, config_file: Path | None = None) -> None:
     """Recover the spool, then supervise the node's processes until SIGTERM/SIGINT:
     N listeners (sharing the port with SO_REUSEPORT; the association limits hold across
     them, router/admission.py), the dispatcher and M forwarding workers. A child that dies is
-    restarted, with a growing pause if it keeps dying at once (DESIGN §3.6)."""
+    restarted, with a growing pause if it keeps dying at once (DESIGN §3.6).
+    ``config_file``: the one the settings came from (its mode is checked, SEC-20)."""
     wait_for_leftovers(settings)
     engine = make_engine(settings.database_url)
     check_schema(engine)
-    recover(settings, Repository(engine))
+    repository = Repository(engine)
+    warn_open_secrets(settings, config_file, repository.list_destinations())
+    recover(settings, repository)
     engine.dispose()
     Supervisor(settings).run()
+
+
+def warn_open_secrets(
+    settings: Settings, config_file: Path | None, destinations: Iterable[Any] = ()
+) -> None:
+    """Catalogue SEC-20: one WARNING for each private key, or config file holding a
+    database password, that the group or other users may read (the node starts anyway:
+    refusing would take a hospital's router down over a chmod)."""
+    from router.check import open_secrets, secret_files
+
+    for line in open_secrets(secret_files(settings, config_file, destinations)):
+        log.warning("%s; `dicom-router check` lists it", line)
 
 
 class NodeBusy(RuntimeError):
@@ -639,6 +655,7 @@ def _janitor_process(settings: Settings) -> None:
             JobQueue(engine),
             Spool(settings.spool_dir, settings.spool),
             retention=dt.timedelta(seconds=settings.spool.retention_seconds),
+            checkpoint=partial(checkpoint_wal, engine),
         )
         await janitor.run(_stop_event())
         engine.dispose()

@@ -5,9 +5,9 @@ and metacharacters stored and matched literally (SEC-19).
 
 User identity (SEC-06..08) is in test_b9_security_identity.py, TLS on the listener and
 towards destinations (SEC-10, 12..15) in test_b9_security_tls.py: their nodes refuse
-the invariant's plain, identity-less good peers. SEC-09 and SEC-20 are P2 and not
-cases here (the rate limit of SEC-09 does not exist; `dicom-router check` covers the
-file modes of SEC-20, tests/unit/test_check.py).
+the invariant's plain, identity-less good peers. SEC-20 (P2: secrets readable by
+others) starts a node of its own; SEC-09 (P2) is not a case here: the rate limit it
+asks for does not exist.
 
 The module's node knows the sources GOODSCU, GOODECHO and E2E-SCU (the good peers,
 any address), PINNED (only from 10.9.9.9), ECHOONLY and STOREONLY (allowed one
@@ -357,6 +357,37 @@ def test_sec_19_sql_and_shell_metacharacters_are_literal(catalogue_node, invaria
     assert {str(aet) for u, aet, _ in rows if u == matched} == {SHELL_AET}
     assert catalogue_node.query("select count(*) from jobs")[0][0] > 0  # the table is there
     assert not (catalogue_node.cwd / "X").exists() and not Path("X").exists()
+
+
+# -- SEC-20 (P2): secrets readable by others ---------------------------------------------
+def test_sec_20_a_readable_tls_key_is_warned_of_at_start_and_named_by_check(tmp_path):
+    """serve with a listener TLS key of mode 0644 starts (a warning, not a refusal: a
+    chmod must not take a hospital's router down) and logs one WARNING naming the key,
+    what it is and its mode; `dicom-router check` lists it as open. The config file with
+    a database password and the other keys: tests/unit/test_check.py."""
+    from tests.e2e.security_support import SecureNode
+
+    key, cert = tmp_path / "server.key", tmp_path / "server.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+         "-days", "1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    key.chmod(0o644)
+    env = {"DICOM_ROUTER_LISTENER_TLS_CERT": str(cert), "DICOM_ROUTER_LISTENER_TLS_KEY": str(key)}
+    node = SecureNode(tmp_path / "node", env=env)
+    try:
+        node.serve(workers=0)
+        warnings = [line for line in node.log().splitlines() if " WARNING " in line]
+        named = [line for line in warnings if str(key) in line]
+        assert len(named) == 1, warnings
+        assert "the listener's TLS key" in named[0] and "open to every user" in named[0]
+        assert "0o644" in named[0]
+    finally:
+        node.stop()
+    found = {r["setting"]: r["level"] for r in json.loads(node.cli("check", "--json").stdout)}
+    assert found[str(key)] == "open"
 
 
 def _rq(**fields: object) -> bytes:
