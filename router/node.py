@@ -39,6 +39,7 @@ from router.db.migrate import check_schema
 from router.db.repository import Repository
 from router.listener import GroupCommitter, ListenerNode, RuleCache
 from router.liveness import view_path
+from router.lockout import PeerLockout
 from router.messages import JobMessage
 from router.metrics import mark_process_dead, prepare_multiprocess_dir
 from router.settings import ListenerSettings, Settings
@@ -113,14 +114,25 @@ IDENTITY_REJECT = AAssociateRJ(
 
 
 def identity_gate(
-    check: IdentityCheck, audit: AuditLog | None, local_ae: str
+    check: IdentityCheck,
+    audit: AuditLog | None,
+    local_ae: str,
+    lockout: PeerLockout | None = None,
 ) -> Callable[[AssociationInfo, AAssociateRQ], AAssociateRJ | None]:
     """The User Identity sub-item must satisfy ``check``; a refusal is IDENTITY_REJECT,
     one warning with the peer's address and why (never the passcode), and an audit
-    record (User Authentication, failure)."""
+    record (User Authentication, failure). ``lockout`` (catalogue SEC-09): an address
+    with too many failures is refused the same way, unchecked, until its time is up;
+    the failure that locks it out is one more WARNING."""
 
     def admit(info: AssociationInfo, rq: AAssociateRQ) -> AAssociateRJ | None:
         identity = rq.user_information.user_identity_rq
+        locked = lockout.locked_for(info.peer_host) if lockout is not None else 0.0
+        if locked:
+            info.username = None
+            why = f"address locked out for {locked:.0f} s more (too many failures)"
+            _identity_refused(info, rq, None, why)
+            return IDENTITY_REJECT
         if identity is None:
             verdict = check.decide(None, b"", b"")
         else:
@@ -129,13 +141,32 @@ def identity_gate(
             )
         info.username = verdict.username
         if verdict.accepted:
+            if lockout is not None:
+                lockout.succeeded(info.peer_host)
             return None
+        why = verdict.why
+        if lockout is not None and lockout.failed(info.peer_host):
+            log.warning(
+                "%s: %d failed user identities within %g s: address %s locked out for %g s",
+                info.peer,
+                lockout.max_failures,
+                lockout.window,
+                info.peer_host,
+                lockout.lockout,
+            )
+            why += f"; address locked out for {lockout.lockout:g} s"
+        _identity_refused(info, rq, verdict.username, why)
+        return IDENTITY_REJECT
+
+    def _identity_refused(
+        info: AssociationInfo, rq: AAssociateRQ, username: str | None, why: str
+    ) -> None:
         log.info(  # the reject's own WARNING line follows (one per refusal, DESIGN §6)
             "%s: user identity refused for calling AE %r, user %r: %s",
             info.peer,
             rq.calling_ae,
-            verdict.username,
-            verdict.why,
+            username,
+            why,
         )
         if audit is not None:
             audit.write(
@@ -143,11 +174,10 @@ def identity_gate(
                     local_ae=local_ae,
                     calling_ae=rq.calling_ae,
                     peer_host=info.peer_host,
-                    why=f"user identity: {verdict.why}",
-                    username=verdict.username,
+                    why=f"user identity: {why}",
+                    username=username,
                 )
             )
-        return IDENTITY_REJECT
 
     return admit
 
@@ -312,8 +342,14 @@ async def run_listener(
         else None
     )
     mode = settings.security.user_identity
+    security = settings.security
+    lockout = PeerLockout(
+        security.max_auth_failures, security.auth_failure_window, security.auth_lockout
+    )
     identity = (
-        identity_gate(IdentityCheck(mode, repository.user_secrets), audit, listener.ae_title)
+        identity_gate(
+            IdentityCheck(mode, repository.user_secrets), audit, listener.ae_title, lockout
+        )
         if mode != "none"
         else None
     )

@@ -125,6 +125,12 @@ class SecuritySettings:
     # checked), "username" (a known user name) or "password" (name and passcode, checked
     # against the scrypt digests of `dicom-router users add`).
     user_identity: str = "none"
+    # After this many failed user identities from one address within auth_failure_window
+    # seconds, that address is refused without a check for auth_lockout seconds (per
+    # listener process; 0: never locked out). Catalogue SEC-09, router/lockout.py.
+    max_auth_failures: int = 10
+    auth_failure_window: float = 60.0
+    auth_lockout: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -325,6 +331,12 @@ def _validate(settings: Settings) -> None:
         raise SettingsError("listener.max_pdu_length must be 0 (unlimited) or at least 4096")
     if not 0 <= settings.metrics.port <= 65535:
         raise SettingsError(f"metrics.port {settings.metrics.port} is out of range 0-65535")
+    security = settings.security
+    if security.max_auth_failures < 0:
+        raise SettingsError("security.max_auth_failures must not be negative")
+    for name in ("auth_failure_window", "auth_lockout"):
+        if not getattr(security, name) > 0:
+            raise SettingsError(f"security.{name} must be positive")
     if settings.spool.retention_seconds < 0:
         raise SettingsError("spool.retention_seconds must not be negative")
     workers = settings.workers

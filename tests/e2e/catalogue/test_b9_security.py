@@ -5,9 +5,9 @@ and metacharacters stored and matched literally (SEC-19).
 
 User identity (SEC-06..08) is in test_b9_security_identity.py, TLS on the listener and
 towards destinations (SEC-10, 12..15) in test_b9_security_tls.py: their nodes refuse
-the invariant's plain, identity-less good peers. SEC-20 (P2: secrets readable by
-others) starts a node of its own; SEC-09 (P2) is not a case here: the rate limit it
-asks for does not exist.
+the invariant's plain, identity-less good peers, and the lock-out after wrong passcodes
+(SEC-09, P2) in test_b9_security_lockout.py. SEC-20 (P2: secrets readable by others)
+starts a node of its own.
 
 The module's node knows the sources GOODSCU, GOODECHO and E2E-SCU (the good peers,
 any address), PINNED (only from 10.9.9.9), ECHOONLY and STOREONLY (allowed one
