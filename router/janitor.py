@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+from collections.abc import Callable
 
 from router.db.jobs import JobQueue
 from router.spool import Spool
@@ -32,11 +33,15 @@ class SpoolJanitor:
         *,
         retention: dt.timedelta = dt.timedelta(0),
         batch: int = 1000,
+        checkpoint: Callable[[], None] | None = None,
     ) -> None:
         self._queue = queue
         self._spool = spool
         self._retention = retention
         self._batch = batch
+        # Run once per sweep: the listener's commits leave SQLite's WAL checkpoints to
+        # the other processes (router/db/engine.py make_engine ``checkpoints``).
+        self._checkpoint = checkpoint
 
     def sweep_once(self) -> int:
         """Remove up to one batch of removable files; how many were marked removed."""
@@ -59,13 +64,16 @@ class SpoolJanitor:
         return self._queue.forget_spool_files(kept)
 
     def sweep(self) -> int:
-        """Sweep until nothing removable is left; the total removed."""
+        """Sweep until nothing removable is left, then checkpoint; the total removed."""
         total = 0
         while True:
             removed = self.sweep_once()
             total += removed
             if removed < self._batch:
-                return total
+                break
+        if self._checkpoint is not None:
+            self._checkpoint()
+        return total
 
     async def run(self, stop: asyncio.Event, interval: float = 2.0) -> None:
         loop = asyncio.get_running_loop()

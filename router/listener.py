@@ -214,7 +214,7 @@ class GroupCommitter:
             # Concurrent associations: their files' fsyncs overlap in the disk's queue.
             list(self._fsync_pool.map(self._spool.commit, [p.temp for p in batch]))
         records = [p.record for p in batch]
-        self._spool.sync_directories(r.spool_name for r in records)
+        self._spool.sync_directories((r.spool_name for r in records), self._fsync_pool)
         failpoints.hit("listener.after_dir_fsync")
         results = self._repository.record_instances(records)
         failpoints.hit("listener.after_db_commit")

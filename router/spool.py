@@ -4,7 +4,10 @@ Names are generated here (a random 128-bit hex id), never taken from peer text
 (catalogue B.5). Layout under the spool root::
 
     tmp/<id>.part          being received; removed by the start-up sweep after a crash
-    store/<xx>/<id>.dcm    committed; <xx> is the id's first two hex digits
+    store/<xx>/<id>.dcm    committed; <xx> is the minute of its creation modulo 256
+                           (two hex digits): files received together share a directory,
+                           so one directory fsync covers a group commit and the janitor
+                           removes them with few directory fsyncs
 
 The durable order of DESIGN §3.1 is: fsync the file, rename it into ``store/``, fsync
 the directory; only then may the database commit and the C-STORE success follow.
@@ -15,8 +18,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +74,7 @@ class Spool:
         ident = uuid.uuid4().hex
         path = self.tmp_dir / f"{ident}.part"
         fd = os.open(path, _TEMP_FLAGS, 0o600)
-        return TempFile(path, fd, f"{ident[:2]}/{ident}.dcm")
+        return TempFile(path, fd, f"{_bucket()}/{ident}.dcm")
 
     def commit(self, temp: TempFile) -> Path:
         """fsync the file and rename it into the store (the directory fsync is separate,
@@ -86,12 +91,18 @@ class Spool:
         failpoints.hit("listener.after_rename")
         return final
 
-    def sync_directories(self, spool_names: Iterable[str]) -> None:
-        """fsync each store directory that received a rename (DESIGN §3.1)."""
+    def sync_directories(self, spool_names: Iterable[str], pool: Executor | None = None) -> None:
+        """fsync each store directory that received a rename (DESIGN §3.1); with
+        ``pool``, several at once (the file system folds concurrent fsyncs into one
+        journal commit)."""
         if not self.settings.fsync:
             return
-        for sub in sorted({name[:2] for name in spool_names}):
-            fsync_directory(self.store_dir / sub)
+        directories = [self.store_dir / sub for sub in sorted({n[:2] for n in spool_names})]
+        if pool is not None and len(directories) > 1:
+            list(pool.map(fsync_directory, directories))
+        else:
+            for directory in directories:
+                fsync_directory(directory)
 
     def discard(self, temp: TempFile) -> None:
         if temp.fd >= 0:
@@ -133,6 +144,10 @@ class Spool:
         for name in orphans:
             self.remove(name)
         return orphans
+
+
+def _bucket() -> str:
+    return f"{int(time.time()) // 60 % 256:02x}"
 
 
 def fsync_directory(path: Path) -> None:

@@ -49,13 +49,17 @@ WRITE_OPTION = "dicom_router_write"
 IDLE_IN_TRANSACTION_MS = 10_000  # no transaction of ours idles this long between statements
 
 
-def sqlite_pragmas(*, foreign_keys: bool = True, durable: bool = True) -> tuple[str, ...]:
-    """The statements run on every new SQLite connection (``durable``: see make_engine)."""
+def sqlite_pragmas(
+    *, foreign_keys: bool = True, durable: bool = True, checkpoints: bool = True
+) -> tuple[str, ...]:
+    """The statements run on every new SQLite connection (``durable``, ``checkpoints``:
+    see make_engine)."""
     return (
         "PRAGMA journal_mode=WAL",
         f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}",
         f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}",
         f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}",
+        *(() if checkpoints else ("PRAGMA wal_autocheckpoint=0",)),
     )
 
 
@@ -81,7 +85,12 @@ def redacted(url: str | URL) -> str:
 
 
 def make_engine(
-    url: str | URL, *, foreign_keys: bool = True, durable: bool = True, **kwargs: Any
+    url: str | URL,
+    *,
+    foreign_keys: bool = True,
+    durable: bool = True,
+    checkpoints: bool = True,
+    **kwargs: Any,
 ) -> Engine:
     """An engine for ``url`` with the settings above applied to every new connection.
 
@@ -96,12 +105,21 @@ def make_engine(
     ``sync_wal`` before it removes the spool file of an instance a result marked done.
     Instance and job commits stay ``FULL`` (DESIGN §3.1); PostgreSQL keeps
     ``synchronous_commit=on`` for every connection.
+
+    ``checkpoints=False`` is for the listener: its commits never run a WAL checkpoint
+    (SQLite runs one inside the commit that takes the log past 1,000 pages: copying
+    them into the database file and fsyncing it, which made every hundredth or so
+    C-STORE wait for it). The other processes' commits still do, and the janitor runs a
+    passive one at every sweep (``checkpoint_wal``), so the log stays bounded with
+    ``--workers 0`` too.
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         kwargs.setdefault("connect_args", {}).setdefault("timeout", BUSY_TIMEOUT_MS / 1000)
         engine = create_engine(parsed, **kwargs)
-        _configure_sqlite(engine, foreign_keys=foreign_keys, durable=durable)
+        _configure_sqlite(
+            engine, foreign_keys=foreign_keys, durable=durable, checkpoints=checkpoints
+        )
         return engine
     if parsed.get_backend_name() == "postgresql":
         kwargs.setdefault("pool_pre_ping", True)
@@ -128,6 +146,18 @@ def sync_wal(engine: Engine) -> None:
         os.close(fd)
 
 
+def checkpoint_wal(engine: Engine) -> None:
+    """A passive SQLite checkpoint (it waits for no reader or writer): what the
+    listener's commits no longer do themselves (make_engine ``checkpoints``)."""
+    if engine.url.get_backend_name() != "sqlite":
+        return
+    with engine.connect() as connection:
+        # On the driver's connection: outside any transaction, which a checkpoint needs.
+        connection.connection.dbapi_connection.execute(  # type: ignore[union-attr]
+            "PRAGMA wal_checkpoint(PASSIVE)"
+        ).fetchall()
+
+
 def make_session_factory(engine: Engine, *, write: bool = False) -> sessionmaker[Session]:
     """Sessions on ``engine``; ``write=True`` ones take SQLite's write lock at BEGIN.
 
@@ -138,8 +168,10 @@ def make_session_factory(engine: Engine, *, write: bool = False) -> sessionmaker
     return sessionmaker(bind=bind, expire_on_commit=False)
 
 
-def _configure_sqlite(engine: Engine, *, foreign_keys: bool, durable: bool) -> None:
-    pragmas = sqlite_pragmas(foreign_keys=foreign_keys, durable=durable)
+def _configure_sqlite(
+    engine: Engine, *, foreign_keys: bool, durable: bool, checkpoints: bool
+) -> None:
+    pragmas = sqlite_pragmas(foreign_keys=foreign_keys, durable=durable, checkpoints=checkpoints)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:

@@ -80,3 +80,26 @@ def test_only_an_engine_made_not_durable_skips_the_wal_fsync(tmp_path: Path) -> 
         with engine.connect() as connection:
             assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == expected
         engine.dispose()
+
+
+def test_a_listener_engine_never_checkpoints_and_checkpoint_wal_does(tmp_path: Path) -> None:
+    from router.db.engine import checkpoint_wal
+
+    url = f"sqlite:///{tmp_path / 'wal.sqlite'}"
+    listener = make_engine(url, checkpoints=False)
+    try:
+        with listener.begin() as connection:
+            assert connection.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
+            connection.execute(text("CREATE TABLE t (n INTEGER)"))
+        for n in range(1200):  # past the 1,000 pages that would have checkpointed
+            with listener.begin() as connection:
+                connection.execute(text("INSERT INTO t VALUES (:n)"), {"n": n})
+        database, log = tmp_path / "wal.sqlite", tmp_path / "wal.sqlite-wal"
+        # 1,200 commits of a page or two: the log was never reset by a checkpoint.
+        assert log.stat().st_size > 1100 * 4096
+        before = database.stat().st_size
+        checkpoint_wal(listener)
+        after = database.stat().st_size
+    finally:
+        listener.dispose()
+    assert before <= 2 * 4096 < after  # the rows' pages were copied into the database

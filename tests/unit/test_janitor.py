@@ -179,3 +179,17 @@ def test_nothing_removable_needs_no_sync(
     queue = SyncWatchingQueue(engine, clock, spool, names)
     assert SpoolJanitor(queue, spool).sweep() == 0
     assert queue.present_at_sync == []
+
+
+def test_every_sweep_ends_with_a_checkpoint(
+    repo: Repository, queue: JobQueue, spool: Spool
+) -> None:
+    """The listener's commits leave SQLite's WAL checkpoints to others (make_engine
+    ``checkpoints=False``): the janitor runs one per sweep, with work or without."""
+    calls: list[int] = []
+    janitor = SpoolJanitor(queue, spool, checkpoint=lambda: calls.append(1))
+    assert janitor.sweep() == 0
+    receive(repo, spool, 1, "pacs")
+    forward(queue)
+    assert janitor.sweep() == 1
+    assert calls == [1, 1]

@@ -75,3 +75,14 @@ def test_rx13_spool_below_free_space_minimum_is_full(tmp_path: Path) -> None:
     spool.create_layout()
     with pytest.raises(SpoolFull):
         spool.check_room()
+
+
+def test_files_received_together_share_a_directory(spool: Spool) -> None:
+    """One directory fsync then covers a group commit, and the janitor's removals of
+    files received together (in the same minute) touch few directories."""
+    temps = [spool.create_temp() for _ in range(20)]
+    directories = {temp.spool_name[:2] for temp in temps}
+    assert len(directories) <= 2  # 2 only when a minute turned meanwhile
+    for temp in temps:
+        spool.path_for(temp.spool_name)  # still a name the spool accepts
+        spool.discard(temp)
