@@ -852,7 +852,7 @@ def users_add(context: Context, name: str, password_stdin: bool, as_json: bool) 
         raise UsageFail(str(exc)) from None
     secret = None
     if password_stdin:
-        passcode = read_passcode_stdin(click.get_text_stream("stdin"))
+        passcode = read_passcode_stdin(sys.stdin)
         if not passcode or len(passcode) > MAX_PASSCODE:
             _fail(f"the passcode on stdin must be 1-{MAX_PASSCODE} bytes")
         secret = hash_passcode(passcode)
