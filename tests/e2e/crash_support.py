@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import os
 import random
 import signal
@@ -39,6 +40,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import pydicom
 from ingest_support import (
@@ -53,7 +55,8 @@ from ingest_support import (
     require_dcmtk,
 )
 
-from protocol.errors import ProtocolError
+from protocol.errors import AssociationRejected, ProtocolError
+from protocol.net import Association
 from router.status import NodeStatus, read_node_status
 
 QUICK = 10.0  # router/node.py: a child dead within this many seconds is restarted later
@@ -139,6 +142,59 @@ def kill_group(pgid: int, timeout: float = 15.0) -> None:
         time.sleep(0.05)
 
 
+ESTABLISHED = "01"  # include/net/tcp_states.h, as /proc/net/tcp shows it
+
+
+def _socket_inodes(pids: list[int]) -> set[int]:
+    """The inodes of the sockets the processes ``pids`` have open."""
+    inodes = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith("socket:["):
+                        inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def _tcp_peer(server_port: int, client_port: int) -> tuple[str, int]:
+    """(state, inode) of the accepted end of our connection from ``client_port`` to
+    ``server_port`` on this host (/proc/net/tcp, tcp6), or ("", 0). Read after the
+    inodes of our processes: an accepted socket is in its process before the
+    A-ASSOCIATE-AC is sent, and one that is still ESTABLISHED is still open somewhere."""
+    want_local, want_remote = f":{server_port:04X}", f":{client_port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[1].endswith(want_local) and fields[2].endswith(want_remote):
+                    return fields[3], int(fields[9])
+    return "", 0
+
+
+def _who_holds(inode: int) -> str:
+    """The pid and command line of the process holding socket ``inode`` (a foreign
+    acceptor, for the record), if it is visible in our /proc."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and inode in _socket_inodes([int(entry.name)]):
+            with contextlib.suppress(OSError):
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                return f"pid {entry.name}: {cmd.strip()[:300]}"
+    return "not visible here (another pid namespace?)"
+
+
+def _log_time(line: str) -> float | None:
+    """The wall-clock time of a serve.log line ("2026-12-02 05:10:11,123 INFO ...",
+    logging's asctime in local time), or None."""
+    try:
+        stamp = time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")
+        return time.mktime(stamp) + int(line[20:23]) / 1000
+    except (ValueError, IndexError):
+        return None
+
+
 class StoreSCP:
     """A DCMTK storescp destination writing every received instance to its own file."""
 
@@ -200,9 +256,14 @@ class Node:
         seed: int = 0,
         lease_seconds: float = 4,
         env: dict[str, str] | None = None,
+        aet: str | None = None,
     ) -> None:
         self.root = root
         self.seed = seed
+        # Our AE title (``serve --aet``): a run's own title means that a node of another
+        # run that took this port while ours restarted refuses our associations (it
+        # checks the called AE) instead of acknowledging instances ours never had.
+        self.aet = aet or "ROUTER"
         self.data_dir = root / "data"
         self.log_path = root / "serve.log"
         self.port = free_port()
@@ -252,9 +313,10 @@ class Node:
         self.cli("rules", "add", "all", "--to", ",".join(scp.name for scp in destinations))
 
     def start(self, *args: str, timeout: float = START_TIMEOUT) -> None:
+        aet = ("--aet", self.aet) if self.aet != "ROUTER" else ()
         with open(self.log_path, "ab") as log:
             proc = subprocess.Popen(
-                cli_argv("-v", "serve", "--port", str(self.port), "--bind", HOST, *args),
+                cli_argv("-v", "serve", "--port", str(self.port), "--bind", HOST, *aet, *args),
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -298,10 +360,28 @@ class Node:
 
     async def echo(self) -> bool:
         try:
-            async with open_association(self.port, dimse_timeout=5) as assoc:
-                return await assoc.send_c_echo() == SUCCESS
+            async with open_association(self.port, dimse_timeout=5, called_ae=self.aet) as assoc:
+                return self.accepted_by(assoc)[0] != "foreign" and (
+                    await assoc.send_c_echo() == SUCCESS
+                )
         except (ProtocolError, OSError, TimeoutError):
             return False
+
+    def accepted_by(self, assoc: Association) -> tuple[str, int, int]:
+        """Whose socket is the other end of ``assoc``: "ours" (a process of the current
+        serve's process group holds it), "gone" (closed already: a killed listener's), or
+        "foreign" (an open connection some other process accepted: another process
+        shares or took our port); our local port, to find it in serve.log; the inode."""
+        transport = assoc._protocol.transport  # a test may peek
+        local = transport.get_extra_info("sockname") if transport is not None else None
+        proc = self.proc
+        if local is None or proc is None:
+            return "gone", 0, 0
+        ours = _socket_inodes(_group_members(proc.pid))  # before the table: see _tcp_peer
+        state, inode = _tcp_peer(self.port, int(local[1]))
+        if state != ESTABLISHED or inode == 0:
+            return "gone", int(local[1]), inode
+        return ("ours" if inode in ours else "foreign"), int(local[1]), inode
 
     def kill_all(self) -> None:
         for proc in self.started:
@@ -318,6 +398,66 @@ class Node:
     def job_states(self) -> dict[str, int]:
         rows = self.query("select state, count(*) from jobs group by state")
         return {str(state): int(count) for state, count in rows}  # type: ignore[call-overload]
+
+    def unrecorded_uids(self) -> list[tuple[str, str]]:
+        """(spool name, SOP Instance UID) of every store file without an instance row
+        whose UID has no row at all (a file of an earlier, unacknowledged attempt of an
+        instance recorded since is left out): what the next start's recovery removes as
+        never acknowledged."""
+        out = []
+        recorded = {str(uid) for (uid,) in self.query("select sop_instance_uid from instances")}
+        for path in self.spool_leftovers()[1]:
+            try:
+                meta = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[])
+                uid = str(meta.file_meta.MediaStorageSOPInstanceUID)
+            except Exception as exc:  # a file cut short: say so
+                uid = f"unreadable: {exc}"
+            if uid not in recorded:
+                out.append((f"{path.parent.name}/{path.name}", uid))
+        return out
+
+    def trace(self, uid: str, acked: tuple[float, int] | None) -> dict[str, object]:
+        """What the node knows of ``uid``: its instance and job rows, whether their spool
+        files exist, its audit records, and serve.log lines of the association that
+        acknowledged it (by our local port) within 5 s of the acknowledgement."""
+        store = self.data_dir / "spool" / "store"
+        instances = self.query(
+            "select id, spool_name, state, received_at, spool_removed_at, peer_address"
+            " from instances where sop_instance_uid = ?",
+            uid,
+        )
+        jobs = self.query(
+            "select j.id, j.instance_id, d.name, j.state, j.attempts, j.deliveries,"
+            " j.last_error from jobs j join destinations d on d.id = j.destination_id"
+            " join instances i on i.id = j.instance_id where i.sop_instance_uid = ?",
+            uid,
+        )
+        audit_path = self.data_dir / "audit" / "audit.jsonl"
+        audit = []
+        if audit_path.exists():
+            with open(audit_path, errors="replace") as f:
+                audit = [line.strip()[:400] for line in f if uid in line]
+        lines: list[str] = []
+        if acked is not None and self.log_path.exists():
+            at, port = acked
+            peer = f"127.0.0.1:{port}:"
+            with open(self.log_path, errors="replace") as f:
+                for line in f:
+                    stamp = _log_time(line)
+                    near = stamp is not None and abs(stamp - at) <= 5.0
+                    if near and (peer in line or "recovery" in line or "ERROR" in line):
+                        lines.append(line.rstrip()[:300])
+        return {
+            "uid": uid,
+            "acknowledged_at": acked[0] if acked else None,
+            "local_port": acked[1] if acked else None,
+            "instance_rows": [list(map(str, row)) for row in instances],
+            "spool_files_exist": [(store / str(row[1])).exists() for row in instances],
+            "job_rows": [list(map(str, row)) for row in jobs],
+            "audit_records": audit,
+            "audit_instance_received": any("instance received" in a.lower() for a in audit),
+            "log_lines": lines[:60],
+        }
 
     def spool_leftovers(self) -> tuple[list[Path], list[Path]]:
         """Files in spool/tmp, and store files without an instance row."""
@@ -358,6 +498,9 @@ class Killer:
     start_timeout: float = START_TIMEOUT  # for serve after a supervisor kill
     kills: list[Kill] = field(default_factory=list)
     orphans: list[list[str]] = field(default_factory=list)  # per supervisor kill
+    # (wall-clock time, spool name, SOP Instance UID) of the store files without a row
+    # that each restart of serve found (its recovery removes them: never acknowledged).
+    unrecorded: list[tuple[float, str, str]] = field(default_factory=list)
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -471,6 +614,8 @@ class Killer:
         self.orphans.append(survivors)
         self.kills[-1].detail = f"children alive {self.orphan_wait} s later: {survivors or 'none'}"
         kill_group(self.node.proc.pid)  # serve's session: the leftovers
+        at = time.time()
+        self.unrecorded += [(at, name, uid) for name, uid in self.node.unrecorded_uids()]
         self._quick.clear()  # a new supervisor: no restart pauses yet
         self.node.start(timeout=self.start_timeout)
 
@@ -478,19 +623,47 @@ class Killer:
 # --------------------------------------------------------------------------------------
 # the sender
 # --------------------------------------------------------------------------------------
+class ForeignAcceptor(OSError):
+    """Our association was accepted by a process not of our node (the port is shared or
+    taken): nothing sent on it counts; the round is failed and sent again."""
+
+
 @dataclass
 class Sending:
     corpus: dict[str, bytes]
     allowance: Callable[[], float]  # how many instances may be acknowledged by now
     seed: int = 0
     senders: int = 2
+    called_ae: str = "ROUTER"
+    # Who accepted an association (Node.accepted_by): checked before anything is sent.
+    verify: Callable[[Association], tuple[str, int, int]] | None = None
+    # One JSON line per association and per acknowledgement (wall-clock time, our local
+    # port as serve.log names the peer), so that a lost instance can be traced.
+    journal: Path | None = None
     queue: collections.deque[str] = field(default_factory=collections.deque)
     acknowledged: set[str] = field(default_factory=set)
+    acked_at: dict[str, tuple[float, int]] = field(default_factory=dict)  # uid -> time, port
+    foreign: list[str] = field(default_factory=list)  # associations others accepted
     refusals: list[tuple[str, int]] = field(default_factory=list)
     failed_rounds: int = 0
+    # A-ASSOCIATE-RJ answers: our node accepts its own title, so these came from a
+    # process of another run on our port (or from the node's association limit).
+    rejections: list[str] = field(default_factory=list)
+    _journal: TextIO | None = None
+
+    def _note(self, **record: object) -> None:
+        if self._journal is not None:
+            print(json.dumps({"t": round(time.time(), 3), **record}), file=self._journal)
 
     async def _sender(self, port: int) -> None:
-        async with open_association(port, dimse_timeout=15) as assoc:
+        async with open_association(port, dimse_timeout=15, called_ae=self.called_ae) as assoc:
+            verdict, local_port, inode = self.verify(assoc) if self.verify else ("ours", 0, 0)
+            self._note(event="association", port=local_port, verdict=verdict)
+            if verdict == "foreign":
+                holder = _who_holds(inode)
+                self.foreign.append(f"{time.time():.3f} local port {local_port}: {holder}")
+                self._note(event="foreign", port=local_port, holder=holder)
+                raise ForeignAcceptor(f"association from port {local_port} accepted by {holder}")
             while self.queue:
                 while len(self.acknowledged) >= self.allowance():
                     await asyncio.sleep(0.02)
@@ -504,11 +677,22 @@ class Sending:
                     raise
                 if rsp.status == SUCCESS:
                     self.acknowledged.add(uid)
+                    self.acked_at[uid] = (time.time(), local_port)
+                    self._note(event="ack", uid=uid, port=local_port)
                 else:
                     self.refusals.append((uid, rsp.status))
                     self.queue.append(uid)
 
     async def run(self, port: int, deadline: float) -> None:
+        with contextlib.ExitStack() as stack:
+            if self.journal is not None:
+                self._journal = stack.enter_context(open(self.journal, "a", buffering=1))
+            try:
+                await self._run(port, deadline)
+            finally:
+                self._journal = None
+
+    async def _run(self, port: int, deadline: float) -> None:
         self.queue.extend(self.corpus)
         while self.queue:
             if time.monotonic() > deadline:
@@ -519,6 +703,9 @@ class Sending:
                 *(self._sender(port) for _ in range(self.senders)), return_exceptions=True
             )
             for result in results:
+                if isinstance(result, AssociationRejected):
+                    self.rejections.append(f"{time.time():.3f} {result}")
+                    self._note(event="rejected", reason=str(result))
                 if isinstance(result, ProtocolError | OSError | TimeoutError):
                     self.failed_rounds += 1  # the node is down or restarting: again
                 elif isinstance(result, BaseException):
@@ -554,6 +741,21 @@ class CrashRun:
     redelivered: int
     leftovers: tuple[int, int]  # temporary files, store files without a row
     log_tail: str
+    aet: str = "ROUTER"  # the node's AE title
+    foreign: list[str] = field(default_factory=list)  # associations others accepted
+    rejections: list[str] = field(default_factory=list)  # A-ASSOCIATE-RJ answers
+    # (wall-clock time, spool name, UID) found without a row before restarts of serve
+    unrecorded: list[tuple[float, str, str]] = field(default_factory=list)
+    traces: list[dict[str, object]] = field(default_factory=list)  # per lost UID
+    acked_at: dict[str, tuple[float, int]] = field(default_factory=dict)  # uid -> time, port
+
+    @property
+    def unrecorded_acknowledged(self) -> list[tuple[float, str, str]]:
+        """Unrecorded files (of UIDs with no row) of instances acknowledged before the
+        file was found: recovery removes a file although its store got a success."""
+        return [
+            u for u in self.unrecorded if u[2] in self.acked_at and self.acked_at[u[2]][0] < u[0]
+        ]
 
     @property
     def by_type(self) -> collections.Counter[str]:
@@ -585,6 +787,12 @@ class CrashRun:
             f" {self.duplicated_instances}; jobs {self.states}; redelivered jobs"
             f" {self.redelivered}; settled at {self.drained_at:.1f} s; left in the spool:"
             f" {self.leftovers[0]} temporary and {self.leftovers[1]} unrecorded files"
+        )
+        lines.append(
+            f"associations accepted by another process: {len(self.foreign)}; associations"
+            f" rejected: {len(self.rejections)}; store files"
+            f" without a row before restarts of serve: {len(self.unrecorded)}"
+            f" ({len(self.unrecorded_acknowledged)} of them acknowledged before)"
         )
         return "\n".join(lines)
 
@@ -624,7 +832,8 @@ def run_crashes(
     through ``counts`` (kills per target), then let it drain with no more kills."""
     rng = random.Random(seed)
     corpus = make_corpus(instances)
-    node = node or Node(root, seed)
+    # A title of this run's own (at most 16 characters, PS3.5 6.2 AE).
+    node = node or Node(root, seed, aet=f"CRASH-{random.SystemRandom().getrandbits(40):010X}")
     kills = sum(counts.values())
     try:
         node.configure(destinations)
@@ -642,7 +851,15 @@ def run_crashes(
             by_kills = instances * (len(killer.kills) + 1) / (kills + 1)
             return min(by_time, by_kills)
 
-        sending = Sending(corpus, allowance, seed, senders)
+        sending = Sending(
+            corpus,
+            allowance,
+            seed,
+            senders,
+            called_ae=node.aet,
+            verify=node.accepted_by,
+            journal=root / "acknowledged.jsonl",
+        )
 
         def progress(kill: Kill) -> None:
             if len(killer.kills) % progress_every == 0:
@@ -686,6 +903,10 @@ def run_crashes(
         drained_at = time.monotonic() - began
 
         received = {scp.name: scp.received() for scp in destinations}
+        lost_anywhere = sorted(set().union(*(acknowledged - set(got) for got in received.values())))
+        traces = [node.trace(uid, sending.acked_at.get(uid)) for uid in lost_anywhere]
+        if traces:
+            (root / "lost-trace.json").write_text(json.dumps(traces, indent=1) + "\n")
         # Not asserted: files of stores a killed listener never acknowledged stay in the
         # spool until the next start of serve (its recovery), not of a listener.
         partial, unrecorded = node.spool_leftovers()
@@ -718,6 +939,12 @@ def run_crashes(
             ),
             leftovers=(len(partial), len(unrecorded)),
             log_tail=node.log_tail(),
+            aet=node.aet,
+            foreign=sending.foreign,
+            rejections=sending.rejections,
+            unrecorded=killer.unrecorded,
+            acked_at=sending.acked_at,
+            traces=traces,
         )
     finally:
         node.kill_all()

@@ -192,16 +192,18 @@ async def open_association(
     transfer_syntax: str = EXPLICIT_LE,
     *,
     dimse_timeout: float = 30.0,
+    called_ae: str = "ROUTER",
 ) -> AsyncIterator[Association]:
     """An association to the router (Verification is always proposed too); released
-    on the way out if it is still alive, aborted if the body failed."""
+    on the way out if it is still alive, aborted if the body failed. ``called_ae`` is
+    the node's AE title (``serve --aet``; a node checks it, listener.check_called_ae)."""
     contexts = [ContextRequest(a, (transfer_syntax,)) for a in abstract_syntaxes]
     contexts.append(ContextRequest(VERIFICATION, (EXPLICIT_LE,)))
     assoc = await associate(
         HOST,
         port,
         contexts,
-        called_ae="ROUTER",
+        called_ae=called_ae,
         calling_ae="E2E-SCU",
         timeouts=Timeouts(connect=10, acse=10, dimse=dimse_timeout),
     )

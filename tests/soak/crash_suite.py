@@ -15,6 +15,15 @@ Full size by default; ``DICOM_ROUTER_CRASH_INSTANCES`` / ``DICOM_ROUTER_CRASH_KI
 tests/e2e/crash_support.py. Kills here come faster than there (0.1-0.5 s apart, a child
 killed after 0.2-2 s up, up to three quick kills of one child in a row: restart pauses of
 0.5, 1, 2 s), so that 800 kills fit in well under an hour on two cores.
+
+The node answers to an AE title of the run's own, and every association is checked to
+have been accepted by a process of our serve (a process of another run that shares or
+took the port during a restart gap neither acknowledges nor counts). The work directory
+keeps ``acknowledged.jsonl`` (each association and each success, wall-clock time and our
+local port as serve.log names the peer), ``unrecorded.txt`` (store files without a row
+that restarts of serve found), ``kills.txt`` and, if anything is lost,
+``lost-trace.json`` (per lost UID: instance and job rows, spool file, audit records,
+serve.log lines around its acknowledgement).
 """
 
 from __future__ import annotations
@@ -78,7 +87,27 @@ def crash_suite(
             scp.stop()
 
 
-def _summary(run: CrashRun, seconds: float) -> dict[str, object]:
+class LoadSampler(threading.Thread):
+    """The 1-minute load average every ``every`` seconds (the machine is shared)."""
+
+    def __init__(self, every: float = 30.0) -> None:
+        super().__init__(name="load", daemon=True)
+        self.every = every
+        self.samples: list[float] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            self.samples.append(os.getloadavg()[0])
+            if self.stop.wait(self.every):
+                return
+
+    def figures(self) -> dict[str, float]:
+        s = self.samples or [os.getloadavg()[0]]
+        return {"min": min(s), "mean": round(sum(s) / len(s), 1), "max": max(s)}
+
+
+def _summary(run: CrashRun, seconds: float, load: dict[str, float]) -> dict[str, object]:
     return {
         "seed": run.seed,
         "instances": run.instances,
@@ -98,6 +127,22 @@ def _summary(run: CrashRun, seconds: float) -> dict[str, object]:
         "sent_at": round(run.sent_at, 1),
         "settled_at": round(run.drained_at, 1),
         "spool_leftovers_before_restart": list(run.leftovers),
+        "aet": run.aet,
+        "associations_accepted_by_another_process": len(run.foreign),
+        "associations_rejected": len(run.rejections),
+        "unrecorded_files_before_serve_restarts": len(run.unrecorded),
+        "unrecorded_files_of_instances_acknowledged_before": len(run.unrecorded_acknowledged),
+        "lost_traced": [
+            {
+                "uid": t["uid"],
+                "instance_rows": len(t["instance_rows"]),  # type: ignore[arg-type]
+                "job_rows": len(t["job_rows"]),  # type: ignore[arg-type]
+                "spool_files_exist": t["spool_files_exist"],
+                "audit_instance_received": t["audit_instance_received"],
+            }
+            for t in run.traces[:50]
+        ],
+        "load_average_1min": load,
     }
 
 
@@ -111,8 +156,19 @@ def _run(
 ) -> tuple[CrashRun, dict[str, object]]:
     print(f"seed {seed}: {instances} instances, {kills_each} kills of each of {TARGETS}")
     began = time.monotonic()
-    run = crash_suite(work_dir, instances, kills_each, seed, stop_kills, send_seconds)
-    summary = _summary(run, time.monotonic() - began)
+    sampler = LoadSampler()
+    sampler.start()
+    try:
+        run = crash_suite(work_dir, instances, kills_each, seed, stop_kills, send_seconds)
+    finally:
+        sampler.stop.set()
+    summary = _summary(run, time.monotonic() - began, sampler.figures())
+    (work_dir / "unrecorded.txt").write_text(
+        "".join(
+            f"{at:.3f} {name} {uid} acknowledged at {run.acked_at.get(uid, (0.0,))[0]:.3f}\n"
+            for at, name, uid in run.unrecorded
+        )
+    )
     print(run.report(each_kill=False))
     print(json.dumps(summary, indent=2))
     return run, summary
