@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
@@ -1042,7 +1043,7 @@ def node_status(context: Context, echo: bool, timeout: float, as_json: bool) -> 
     reason = status.reason
     answer = None
     if echo and status.running:
-        answer, problem = _echo_listener(context.settings, timeout)
+        answer, problem = _echo_listener(context.settings, timeout, status.listener)
         reason = reason or problem
     rows = [
         {
@@ -1067,13 +1068,26 @@ def node_status(context: Context, echo: bool, timeout: float, as_json: bool) -> 
         _fail(reason)
 
 
-def _echo_listener(settings: Settings, timeout: float) -> tuple[str | None, str]:
-    """C-ECHO our own listener: (what it answered, or None; why it is not healthy)."""
+def _echo_listener(
+    settings: Settings, timeout: float, running: dict[str, Any] | None = None
+) -> tuple[str | None, str]:
+    """C-ECHO our own listener: (what it answered, or None; why it is not healthy).
+    ``running``: where the running node said it listens (``serve --port`` and the
+    like), over the configuration."""
     from protocol.errors import AssociationRejected, ProtocolError
     from protocol.net import ContextRequest, Timeouts, associate
     from protocol.uids import EXPLICIT_VR_LE, IMPLICIT_VR_LE, VERIFICATION
 
     listener = settings.listener
+    if running:
+        # A status file of another version: the configuration stands.
+        with contextlib.suppress(TypeError, ValueError):
+            listener = dataclasses.replace(
+                listener,
+                bind=str(running.get("bind", listener.bind)),
+                port=int(running.get("port", listener.port)),
+                ae_title=str(running.get("ae_title", listener.ae_title)),
+            )
     host = listener.bind if listener.bind not in ("", "0.0.0.0", "::") else "127.0.0.1"
 
     async def echo() -> str:

@@ -530,6 +530,7 @@ class Supervisor:
             ]
         self._stopping = False
         self._status = NodeStatusFile(settings.data_dir)
+        self._settings = settings
         self._data_dir = settings.data_dir
         self._audit = AuditLog.for_settings(settings)
         self._ae_title = settings.listener.ae_title
@@ -562,7 +563,10 @@ class Supervisor:
             SharedAdmission.create(
                 self._admission, rows=self._listeners, max_total=self._max_associations
             )
-        self._status.node_started()
+        listener = self._settings.listener
+        self._status.node_started(
+            {"bind": listener.bind, "port": listener.port, "ae_title": listener.ae_title}
+        )
         if self._audit is not None:
             self._audit.write(application_activity(started=True, ae_title=self._ae_title))
         for name, target, args in self._specs:

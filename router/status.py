@@ -24,8 +24,12 @@ class NodeStatusFile:
         self.path = status_path(data_dir)
         self._state: dict[str, Any] = {}
 
-    def node_started(self) -> None:
+    def node_started(self, listener: dict[str, Any] | None = None) -> None:
+        """``listener``: where this run listens (bind, port, ae_title), which ``serve``
+        flags may have set apart from the configuration ``status`` reads."""
         self._state = {"pid": os.getpid(), "started": time.time(), "children": {}}
+        if listener is not None:
+            self._state["listener"] = listener
         self._write()
 
     def child_started(self, name: str, pid: int | None) -> None:
@@ -65,6 +69,7 @@ class NodeStatus:
     running: bool  # the supervisor is alive
     processes: tuple[ProcessStatus, ...]
     reason: str  # why not all up ("" when all are)
+    listener: dict[str, Any] | None = None  # bind, port, ae_title of the running node
 
     @property
     def healthy(self) -> bool:
@@ -100,7 +105,10 @@ def read_node_status(data_dir: Path, now: float | None = None) -> NodeStatus:
         reason = "down: " + ", ".join(down)
     else:
         reason = ""
-    return NodeStatus(supervisor_up, tuple(processes), reason)
+    listener = state.get("listener")
+    return NodeStatus(
+        supervisor_up, tuple(processes), reason, listener if isinstance(listener, dict) else None
+    )
 
 
 def _uptime(entry: dict[str, Any], now: float, up: bool) -> float | None:

@@ -26,9 +26,11 @@ node = test_forwarding.node  # the forwarding suite's node fixture
 
 
 def _status(node: dict[str, object]) -> tuple[int, dict[str, object]]:
+    """``status`` with the configuration alone: the node was started with ``serve
+    --port``, which status learns from the node's status file."""
     result = subprocess.run(
         _cli("status", "--json", "--timeout", "5"),
-        env={**node["env"], "DICOM_ROUTER_LISTENER_PORT": str(node["port"])},  # type: ignore[dict-item]
+        env=node["env"],  # type: ignore[arg-type]
         capture_output=True,
         text=True,
         timeout=60,
