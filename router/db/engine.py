@@ -47,6 +47,9 @@ WRITE_OPTION = "dicom_router_write"
 
 
 IDLE_IN_TRANSACTION_MS = 10_000  # no transaction of ours idles this long between statements
+#: PostgreSQL: a statement waiting this long for a row lock fails (a listener then answers
+#: 0xA700 instead of holding the modality's C-STORE until the peer gives up).
+LOCK_TIMEOUT_MS = 10_000
 
 
 def sqlite_pragmas(
@@ -232,6 +235,9 @@ def _configure_postgresql(engine: Engine) -> None:
             # dead peer within about half a minute (the jobs' SKIP LOCKED lease would
             # skip the locked job meanwhile, and it would stay leased).
             cursor.execute(f"SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_MS}")
+            # Every lock of ours is held for milliseconds (leases skip locked rows); one
+            # held longer is another session's (an operator's psql, a stuck host).
+            cursor.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
             cursor.execute("SET tcp_keepalives_idle = 10")
             cursor.execute("SET tcp_keepalives_interval = 5")
             cursor.execute("SET tcp_keepalives_count = 3")
