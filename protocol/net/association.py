@@ -4,8 +4,10 @@ It owns what the sans-IO core must not: the socket, the clocks and the event loo
 Bytes from the socket go into ``Connection.receive_data``; whatever the connection
 queued goes out in one ``writelines`` call; timers the connection asks for (ARTIM) and
 the deadlines of DESIGN §2 (ACSE, DIMSE, idle, write) are loop callbacks that feed
-expiries back in. P-DATA is reassembled by ``dimse.MessageAssembler`` and handed to
-the role-specific subclass as whole commands and streamed dataset fragments.
+expiries back in. The write deadline holds whenever bytes wait in the transport's
+buffer, not only past its high-water mark (``_sync_write_deadline``). P-DATA is
+reassembled by ``dimse.MessageAssembler`` and handed to the role-specific subclass as
+whole commands and streamed dataset fragments.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import itertools
 import logging
 import socket
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -38,7 +41,13 @@ from protocol.dimse import (
     encode_command,
     fragment,
 )
-from protocol.errors import AbortSource, AssociationAborted, DIMSEError, ProtocolError
+from protocol.errors import (
+    AbortSource,
+    AssociationAborted,
+    DIMSEError,
+    DIMSETimeout,
+    ProtocolError,
+)
 from protocol.fsm import State
 from protocol.limits import Limits
 from protocol.pdu import AAssociateRJ, AAssociateRQ
@@ -46,6 +55,10 @@ from protocol.pdu import AAssociateRJ, AAssociateRQ
 log = logging.getLogger(__name__)
 
 _association_ids = itertools.count(1)
+
+
+class WriteTimeout(DIMSETimeout):
+    """The peer read none of what we sent for ``Timeouts.write`` seconds (zero window)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +116,9 @@ class AssociationProtocol(asyncio.Protocol):
         self._write_deadline: asyncio.TimerHandle | None = None
         self._pdu_deadline: asyncio.TimerHandle | None = None
         self._writable: asyncio.Future[None] | None = None
+        self._paused_at: float | None = None  # loop time of pause_writing, until resumed
+        self._queued = 0  # bytes handed to the transport so far
+        self._write_mark = (0, 0)  # (_queued, buffered bytes) when the deadline was armed
         self._abort_reported = False
 
     # -- asyncio.Protocol -------------------------------------------------------------
@@ -159,13 +175,12 @@ class AssociationProtocol(asyncio.Protocol):
     def pause_writing(self) -> None:
         if self._writable is None or self._writable.done():
             self._writable = self._loop.create_future()
-        if self.timeouts.write is not None:
-            self._write_deadline = self._loop.call_later(self.timeouts.write, self._write_stalled)
+        self._paused_at = self._loop.time()
+        self._sync_write_deadline()
 
     def resume_writing(self) -> None:
-        if self._write_deadline is not None:
-            self._write_deadline.cancel()
-            self._write_deadline = None
+        # The deadline stays armed: when it fires it sees the bytes that left meanwhile.
+        self._paused_at = None
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
 
@@ -220,6 +235,8 @@ class AssociationProtocol(asyncio.Protocol):
         buffers = self.conn.data_to_send()
         if buffers and not transport.is_closing():
             transport.writelines(buffers)
+            self._queued += sum(map(len, buffers))
+            self._sync_write_deadline()
         self._sync_artim()
         if self.conn.should_close and not transport.is_closing():
             transport.close()
@@ -341,16 +358,76 @@ class AssociationProtocol(asyncio.Protocol):
         )
         self.abort()
 
-    def _write_stalled(self) -> None:
+    def _sync_write_deadline(self) -> None:
+        """Arm the write deadline whenever bytes wait in the transport's buffer.
+
+        Past the high-water mark (``pause_writing``) was not enough: the kernel's socket
+        buffer (megabytes on loopback) takes a stalled peer's first responses, and what
+        stays behind below the mark, or an A-ABORT or A-RELEASE-RP queued before a
+        ``close()``, then waited forever: ``close()`` flushes before it closes, so the
+        association (and its slot) outlived every other deadline. Called after every
+        write and at ``pause_writing``: so the deadline runs while the buffer is not empty.
+        """
+        transport = self.transport
+        if self.timeouts.write is None or self._write_deadline is not None or transport is None:
+            return
+        if transport.get_write_buffer_size() > 0:
+            self._arm_write_deadline(self.timeouts.write)
+
+    def _arm_write_deadline(self, delay: float) -> None:
+        assert self.transport is not None
+        self._write_mark = (self._queued, self.transport.get_write_buffer_size())
+        self._write_deadline = self._loop.call_later(delay, self._write_deadline_expired)
+
+    def _write_deadline_expired(self) -> None:
         self._write_deadline = None
+        transport, limit = self.transport, self.timeouts.write
+        if transport is None or limit is None:
+            return
+        if self._paused_at is not None:
+            # Past the high-water mark the buffer must drain to the low-water mark
+            # within the deadline (a peer reading a trickle does not hold the slot).
+            left = self._paused_at + limit - self._loop.time()
+            if left > 0:
+                self._arm_write_deadline(left)
+            else:
+                self._write_stalled()
+            return
+        buffered = transport.get_write_buffer_size()
+        if buffered == 0:
+            return  # all sent; the next write arms it again
+        queued, buffered_then = self._write_mark
+        sent = buffered_then + (self._queued - queued) - buffered
+        if sent > 0:
+            # Bytes left the buffer: the socket took them, and it only does once the
+            # peer has read a good part of the kernel's buffer, not a byte now and then.
+            self._arm_write_deadline(limit)
+        else:
+            self._write_stalled()
+
+    def _write_stalled(self) -> None:
+        limit = self.timeouts.write or 0
         self._abort_reported = True  # this is the line; the lost transport adds none
-        log.warning(
-            "%s: peer stopped reading for %.0f s, aborting",
-            self.info.peer,
-            self.timeouts.write or 0,
-        )
-        if self.transport is not None:
-            self.transport.abort()
+        log.warning("%s: peer stopped reading for %.0f s, aborting", self.info.peer, limit)
+        # An A-ABORT PDU cannot reach a peer that reads nothing (it would queue behind
+        # the stuck bytes): the connection is reset, which the peer sees as the abort
+        # (an abort may lose data in transit, PS3.8 7.3.1). Whoever waits on this
+        # association (a drain, a response) learns why.
+        error = WriteTimeout(f"the peer stopped reading for {limit:g} s; connection reset")
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_exception(error)
+            self._writable.exception()  # seen, whether or not a drain waits on it
+        self.on_aborted(Aborted(AbortSource.SERVICE_USER, 0, True, error))
+        if self.transport is None:
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            # Linger 0: close() resets the connection and drops the unsent bytes. A plain
+            # close would queue our FIN behind them, where a peer that never reads never
+            # sees it, and the kernel would hold the buffers of an orphan for minutes.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
 
     def _sync_pdu_deadline(self) -> None:
         if self.timeouts.pdu is None:
