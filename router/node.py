@@ -815,7 +815,10 @@ async def run_worker(
         destinations=destinations,
         credit=settings.workers.credit,
         timeouts=Timeouts(
-            connect=workers.connect_timeout, acse=workers.acse_timeout, dimse=workers.dimse_timeout
+            connect=workers.connect_timeout,
+            acse=workers.acse_timeout,
+            dimse=workers.dimse_timeout,
+            write=workers.write_timeout,
         ),
         policy=RetryPolicy(
             max_deliveries=settings.workers.max_deliveries,

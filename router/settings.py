@@ -79,10 +79,12 @@ class WorkerSettings:
     # answers holds at most max_associations * pipeline of a worker's credit.
     pipeline: int = 4
     # Seconds for the TCP connection to a destination, its A-ASSOCIATE-AC, and each
-    # C-STORE response.
+    # C-STORE response; and a destination that reads none of our data for
+    # write_timeout seconds (zero window, catalogue RX-16) is cut off and retried.
     connect_timeout: float = 10.0
     acse_timeout: float = 30.0
     dimse_timeout: float = 120.0
+    write_timeout: float = 60.0
     lease_seconds: float = 120.0  # a lease not finished by then is due again
     retry_base: float = 5.0  # seconds before the first retry (exponential, jitter)
     retry_cap: float = 600.0
@@ -321,7 +323,7 @@ def _validate(settings: Settings) -> None:
         raise SettingsError(
             f"workers.timeout must be at least {WORKER_TIMEOUT_MIN:g} s (two heartbeats)"
         )
-    for name in ("connect_timeout", "acse_timeout", "dimse_timeout"):
+    for name in ("connect_timeout", "acse_timeout", "dimse_timeout", "write_timeout"):
         if not getattr(settings.workers, name) > 0:
             raise SettingsError(f"workers.{name} must be positive")
     for name in ("pdu_timeout", "write_timeout"):

@@ -87,3 +87,12 @@ def test_audit_section_defaults_file_and_environment(tmp_path: Path) -> None:
     settings = load_settings(config, environ=env)
     assert settings.audit.syslog == "udp://127.0.0.1:514"
     assert settings.audit.enabled is False
+
+
+def test_workers_write_timeout_from_the_environment_and_refused_when_not_positive() -> None:
+    """workers.write_timeout: a destination reading none of our data (catalogue RX-16)."""
+    assert load_settings(environ={}).workers.write_timeout == 60.0
+    env = {"DICOM_ROUTER_WORKERS_WRITE_TIMEOUT": "7.5"}
+    assert load_settings(environ=env).workers.write_timeout == 7.5
+    with pytest.raises(SettingsError, match=r"workers\.write_timeout must be positive"):
+        load_settings(environ={"DICOM_ROUTER_WORKERS_WRITE_TIMEOUT": "0"})

@@ -8,14 +8,16 @@ requests and answer them; everything else is a script:
 
 * ``association(n) -> Assoc``: what the n-th connection (from 1) meets: an
   A-ASSOCIATE-AC (with a presentation context result and a Maximum Length of the
-  script's choosing), an A-ASSOCIATE-RJ, an A-ABORT, silence, a close, or raw bytes;
+  script's choosing), an A-ASSOCIATE-RJ, an A-ABORT, silence, a close, raw bytes, or
+  an A-ASSOCIATE-AC after which nothing is ever read again (a zero TCP window, RX-16);
 * ``store(n) -> Reply``: how the n-th C-STORE (from 1, over all connections) is
   answered: a status (with an Error Comment), a wrong Message ID Being Responded To or
   Affected SOP Instance UID, an A-ABORT, silence, a close in the middle of the response
   PDU, or raw bytes (a malformed or oversized PDU).
 
 It records what it saw: connections, the A-ASSOCIATE-RQs' proposed contexts, each
-P-DATA-TF PDU's length (DST-16) and the data sets answered with success.
+P-DATA-TF PDU's length (DST-16), the data sets answered with success, and how each
+stalled connection ended ("reset" or "closed" by the worker).
 
 Blocking sockets and one thread per connection; ``close()`` ends them all.
 """
@@ -23,7 +25,9 @@ Blocking sockets and one thread per connection; ``close()`` ends them all.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import select
 import socket
 import struct
 import threading
@@ -47,7 +51,8 @@ class Assoc:
 
     action: "accept" (A-ASSOCIATE-AC), "reject" (A-ASSOCIATE-RJ ``reject``), "abort"
     (A-ABORT ``abort`` = (source, reason)), "hang" (read, never answer), "close" (close
-    the connection), "raw" (send ``raw`` then keep reading).
+    the connection), "raw" (send ``raw`` then keep reading), "stall" (A-ASSOCIATE-AC,
+    then never read again: the worker's data fill the windows and stop, RX-16).
     """
 
     action: str = "accept"
@@ -266,6 +271,7 @@ class _Record:
     stored: list[Stored] = field(default_factory=list)  # answered with success
     aborts: int = 0  # A-ABORTs received from the worker on an established association
     releases: int = 0  # A-RELEASE-RQs received
+    stall_ends: list[str] = field(default_factory=list)  # "reset"/"closed", per stall
 
 
 class ScriptedSCP:
@@ -369,6 +375,19 @@ class ScriptedSCP:
             if not conn.recv(65536):
                 return
 
+    def _stall(self, conn: socket.socket) -> None:
+        """Read nothing, ever; record how the worker ends the connection: a reset (RST)
+        or a close (FIN). Polled, not read: reading would open the window again."""
+        poller = select.poll()
+        poller.register(conn, select.POLLRDHUP | select.POLLERR | select.POLLHUP)
+        while not self._closing.is_set():
+            if not poller.poll(100):
+                continue
+            error = conn.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            with self._lock:
+                self.record.stall_ends.append("reset" if error == errno.ECONNRESET else "closed")
+            return
+
     def _converse(self, conn: socket.socket, number: int) -> None:
         pdu_type, body = self._read_pdu(conn)
         if pdu_type != 0x01:
@@ -391,6 +410,8 @@ class ScriptedSCP:
             conn.sendall(script.raw)
             return self._hang(conn)
         conn.sendall(associate_ac(rq, script.context_result, script.max_pdu))
+        if script.action == "stall":
+            return self._stall(conn)
         self._transfer(conn)
 
     def _transfer(self, conn: socket.socket) -> None:

@@ -14,8 +14,9 @@ To keep the module fast every case's destination and rule (``StudyDescription ==
 <case>``) is configured once, before ``serve``, through the repository the CLI's
 ``destinations add`` and ``rules add`` use (not the commands: a second of start-up
 each, ~50 destinations); the node's
-worker timeouts are 4 s (workers.connect/acse/dimse_timeout) and its backoff 0.3-1 s
-(workers.retry_base/cap, set by ``Node``).
+worker timeouts are 4 s (workers.connect/acse/dimse/write_timeout) and its backoff 0.3-1 s
+(workers.retry_base/cap, set by ``Node``). RX-16 (catalogue B.4), a destination that
+stops reading, is the worker's side of a slow peer and lives here too.
 
 Scaled down (DESIGN §8): DST-02's "2 s latency, 10 KB/s" runs as 0.5 s latency and
 10 KB/s (the node's 4 s timeouts stand in for the default 30/120 s; a 2 s latency would
@@ -222,6 +223,9 @@ DS_07_FRAGMENT = b"\xff\xd8\xfe\xff\xdd\xe0\x00\x00\x00\x00\xfe\xff\x0d\xe0\x00\
 DS_07 = case("ds-07")
 PT_10_TEXT = "../../../../tmp/pt10-from-destination"
 PT_10 = case("pt-10", store=always(Reply(status=0xB000, error_comment=PT_10_TEXT)))
+# RX-16: the first association stalls (AC, then nothing read ever again), the next is served.
+RX_16 = case("rx-16", association=first(1, Assoc("stall"), ACCEPT))
+RX_16_PIXELS = 8 << 20  # streamed (over 4 MiB) and more than both kernels' buffers take
 FLAPPING = Flapping(FLAP_PERIOD, FLAP_FOR)
 DST_17 = case("dst-17", association=FLAPPING.association, store=FLAPPING.store, max_retries=100)
 
@@ -309,10 +313,18 @@ class Bed:
         self.node, self.good, self.scps, self.root = node, good, scps, root
         self._sent = itertools.count()
 
-    def send(self, name: str, count: int = 1, *, big: bool = False, jpeg: bool = False) -> set[str]:
+    def send(
+        self,
+        name: str,
+        count: int = 1,
+        *,
+        big: bool = False,
+        jpeg: bool = False,
+        pixel_bytes: int = 0,
+    ) -> set[str]:
         """``count`` CT instances routed to ``name`` (and "good"), sent by DCMTK storescu
         (exit 0: each acknowledged); ``jpeg``: encapsulated, with delimiter bytes inside
-        the fragment (DS-07)."""
+        the fragment (DS-07); ``pixel_bytes``: that much 16-bit pixel data (a square)."""
         study = self.root / f"study-{next(self._sent)}-{name}"
         study.mkdir()
         uids = set()
@@ -320,8 +332,10 @@ class Bed:
             ds = make_dataset("CT")
             ds.StudyDescription = name
             if big:  # 2 MiB of pixel data: spans many fragments at every Maximum Length
-                ds.Rows = ds.Columns = 1024
-                ds.PixelData = os.urandom(1024 * 1024 * 2)
+                pixel_bytes = pixel_bytes or 2 << 20
+            if pixel_bytes:
+                ds.Rows = ds.Columns = int((pixel_bytes // 2) ** 0.5)
+                ds.PixelData = os.urandom(ds.Rows * ds.Columns * 2)
             if jpeg:
                 ds.PixelData = encapsulate([DS_07_FRAGMENT])
                 ds["PixelData"].VR = "OB"
@@ -366,11 +380,18 @@ class Bed:
         ]
 
     def run(
-        self, name: str, count: int = 1, *, big: bool = False, jpeg: bool = False, good: bool = True
+        self,
+        name: str,
+        count: int = 1,
+        *,
+        big: bool = False,
+        jpeg: bool = False,
+        good: bool = True,
+        pixel_bytes: int = 0,
     ) -> Run:
         """Send, wait until the case's jobs are done or dead and (unless ``good`` is
         False) the good destination has the instances; check that nothing died."""
-        uids = self.send(name, count, big=big, jpeg=jpeg)
+        uids = self.send(name, count, big=big, jpeg=jpeg, pixel_bytes=pixel_bytes)
         deadline = time.monotonic() + SETTLE
         while time.monotonic() < deadline:
             jobs = self.jobs(name)
@@ -456,6 +477,7 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
             "DICOM_ROUTER_WORKERS_CONNECT_TIMEOUT": str(TIMEOUT),
             "DICOM_ROUTER_WORKERS_ACSE_TIMEOUT": str(TIMEOUT),
             "DICOM_ROUTER_WORKERS_DIMSE_TIMEOUT": str(TIMEOUT),
+            "DICOM_ROUTER_WORKERS_WRITE_TIMEOUT": str(TIMEOUT),
         }
     )
     good = StoreSCP(root, "good")
@@ -556,6 +578,35 @@ def test_dst_03_hanging_destination_times_out_is_retried_and_its_slot_released(
     assert bed.scps[name].connections == 2
     good = [a for a in bed.attempts("good") if a.job_id in _good_jobs(bed, run.uids)]
     assert max(a.ended_at for a in good) <= hung.ended_at, (good, hung)
+
+
+# --------------------------------------------------------------------------------------
+# RX-16 (catalogue B.4): a destination that stops reading
+# --------------------------------------------------------------------------------------
+def test_rx_16_destination_side_stalled_send_is_reset_at_the_write_deadline_and_retried(
+    bed: Bed,
+) -> None:
+    """The destination accepts TCP and the association, then reads nothing (zero TCP
+    window; dcm4che#532). The worker's send ends at workers.write_timeout with a reset
+    (an A-ABORT PDU cannot get past the bytes the destination does not read), the
+    attempt is a timeout, the job is retried after its backoff on a new association and
+    stored; the good destination had its copy before the stalled attempt ended. 8 MiB
+    of pixel data: sent streamed and more than both kernels' socket buffers take, so it
+    is the write deadline, not the DIMSE timeout, that ends the attempt."""
+    name = RX_16
+    run = bed.run(name, pixel_bytes=RX_16_PIXELS)
+    assert run.job.state == "done", run
+    assert [a.outcome for a in run.attempts] == ["retry", "done"], run.attempts
+    stalled, retried = run.attempts
+    assert "stopped reading" in (stalled.error or ""), stalled
+    scp = bed.scps[name]
+    assert _wait_for(lambda: scp.record.stall_ends, 10), "the stalled connection never ended"
+    assert scp.record.stall_ends == ["reset"], scp.record.stall_ends
+    assert scp.connections == 2 and set(scp.stored_uids()) == run.uids
+    floor = dt.timedelta(seconds=RETRY_BASE / 2)  # workers/retry.py: backoff's floor
+    assert retried.started_at >= stalled.ended_at + floor - dt.timedelta(milliseconds=5), run
+    good = [a for a in bed.attempts("good") if a.job_id in _good_jobs(bed, run.uids)]
+    assert max(a.ended_at for a in good) <= stalled.ended_at, (good, stalled)
 
 
 # --------------------------------------------------------------------------------------
