@@ -27,3 +27,11 @@ class Limits:
     max_dataset_depth: int = 64  # sequence nesting (DCMTK's default)
     max_inflated_bytes: int = 1 << 30  # Deflated Explicit VR LE inflation cap
     send_pdu_cap: int = SEND_PDU_CAP
+    # Minimum progress of an incoming data set (catalogue RX-03): once one has been
+    # arriving for ``min_rate_grace`` seconds, its average since its C-STORE-RQ must be
+    # at least ``min_dataset_rate`` bytes/s (0: no minimum), or the association is
+    # aborted. The per-PDU deadline cannot see a peer that sends many tiny complete PDUs
+    # just inside the idle timeout, holding its slot for ever. 1 KiB/s keeps a
+    # legitimate slow WAN link (a 512 KiB CT slice takes 8 minutes at that rate) served.
+    min_dataset_rate: int = 1024
+    min_rate_grace: float = 60.0

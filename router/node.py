@@ -326,6 +326,8 @@ async def run_listener(
         max_pdu_length=listener.max_pdu_length,
         max_associations=listener.max_associations,
         max_associations_per_calling_ae=listener.max_associations_per_calling_ae,
+        min_dataset_rate=listener.min_transfer_rate,
+        min_rate_grace=listener.min_transfer_grace,
     )
     timeouts = Timeouts(
         acse=listener.acse_timeout,

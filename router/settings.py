@@ -45,6 +45,12 @@ class ListenerSettings:
     # reading our responses (zero window) for write_timeout seconds is aborted.
     pdu_timeout: float = 120.0
     write_timeout: float = 60.0
+    # A data set arriving for longer than min_transfer_grace seconds must average at
+    # least min_transfer_rate bytes/s since its C-STORE-RQ (0: no minimum), or the
+    # association is aborted: a peer sending tiny complete PDUs just inside the idle
+    # timeout would otherwise hold its slot for ever (catalogue RX-03).
+    min_transfer_rate: int = 1024
+    min_transfer_grace: float = 60.0
     # "unrouted": keep an instance no rule matched and log a warning; "reject": refuse it.
     unrouted_policy: str = "unrouted"
     # The longest a finished instance waits for the next group commit (seconds).
@@ -326,9 +332,11 @@ def _validate(settings: Settings) -> None:
     for name in ("connect_timeout", "acse_timeout", "dimse_timeout", "write_timeout"):
         if not getattr(settings.workers, name) > 0:
             raise SettingsError(f"workers.{name} must be positive")
-    for name in ("pdu_timeout", "write_timeout"):
+    for name in ("pdu_timeout", "write_timeout", "min_transfer_grace"):
         if not getattr(listener, name) > 0:
             raise SettingsError(f"listener.{name} must be positive")
+    if listener.min_transfer_rate < 0:
+        raise SettingsError("listener.min_transfer_rate must be 0 (no minimum) or positive")
     if listener.max_pdu_length != 0 and listener.max_pdu_length < 4096:
         raise SettingsError("listener.max_pdu_length must be 0 (unlimited) or at least 4096")
     if not 0 <= settings.metrics.port <= 65535:

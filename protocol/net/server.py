@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl as ssl_module
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -108,6 +109,8 @@ class SCPAssociation(AssociationProtocol):
         self._request: CStoreRQ | None = None
         self._context_id = 0
         self._pending_finish: asyncio.Task[None] | None = None
+        self._dataset_started = 0.0  # monotonic time of the C-STORE-RQ being received
+        self._dataset_bytes = 0
 
     # -- association -------------------------------------------------------------------
     def on_associate_request(self, event: AssociateRequested) -> None:
@@ -215,6 +218,7 @@ class SCPAssociation(AssociationProtocol):
     ) -> None:
         self._context_id = event.context_id
         self._request = request
+        self._dataset_started, self._dataset_bytes = time.monotonic(), 0
         abstract_syntax, transfer_syntax = context
         outcome: StoreSink | StoreOutcome
         if request.affected_sop_class_uid != abstract_syntax:
@@ -239,6 +243,9 @@ class SCPAssociation(AssociationProtocol):
         sink = self._sink
         if sink is None:  # pragma: no cover - the assembler checks the order
             raise DIMSEError("data set fragment without a C-STORE-RQ")
+        self._dataset_bytes += len(event.data)
+        if not event.last:
+            self._check_progress()
         try:
             sink.write(event.data)
         except OSError as exc:
@@ -250,6 +257,20 @@ class SCPAssociation(AssociationProtocol):
         if event.last:
             self._sink = None
             self._finish(sink)
+
+    def _check_progress(self) -> None:
+        """Limits.min_dataset_rate (catalogue RX-03): an ABORT-U, through the DIMSE
+        violation path, for a data set trickling in below the minimum."""
+        limits = self.server.limits
+        elapsed = time.monotonic() - self._dataset_started
+        if not limits.min_dataset_rate or elapsed <= limits.min_rate_grace:
+            return
+        rate = self._dataset_bytes / elapsed
+        if rate < limits.min_dataset_rate:
+            raise DIMSEError(
+                f"data set arriving at {rate:.0f} bytes/s for {elapsed:.0f} s, below the"
+                f" minimum of {limits.min_dataset_rate} bytes/s"
+            )
 
     def _finish(self, sink: StoreSink) -> None:
         try:

@@ -96,3 +96,15 @@ def test_workers_write_timeout_from_the_environment_and_refused_when_not_positiv
     assert load_settings(environ=env).workers.write_timeout == 7.5
     with pytest.raises(SettingsError, match=r"workers\.write_timeout must be positive"):
         load_settings(environ={"DICOM_ROUTER_WORKERS_WRITE_TIMEOUT": "0"})
+
+
+def test_listener_min_transfer_rate_from_the_environment_and_refused_when_negative() -> None:
+    """listener.min_transfer_rate / min_transfer_grace: catalogue RX-03's minimum progress."""
+    defaults = load_settings(environ={}).listener
+    assert (defaults.min_transfer_rate, defaults.min_transfer_grace) == (1024, 60.0)
+    env = {"DICOM_ROUTER_LISTENER_MIN_TRANSFER_RATE": "0"}
+    assert load_settings(environ=env).listener.min_transfer_rate == 0  # no minimum
+    with pytest.raises(SettingsError, match=r"listener\.min_transfer_rate must be 0"):
+        load_settings(environ={"DICOM_ROUTER_LISTENER_MIN_TRANSFER_RATE": "-1"})
+    with pytest.raises(SettingsError, match=r"listener\.min_transfer_grace must be positive"):
+        load_settings(environ={"DICOM_ROUTER_LISTENER_MIN_TRANSFER_GRACE": "0"})
