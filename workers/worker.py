@@ -26,6 +26,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 
 import zmq
@@ -212,6 +213,9 @@ class Worker:
         # A destination's TLS options by name (the database's), None: no TLS anywhere.
         self._tls_for = tls_for
         self._tls_cache: dict[str, tuple[float, TlsOptions | None]] = {}
+        # Leases being delivered: job -> (lease, its length in seconds, wall time it ends)
+        self._held: dict[int, tuple[LeaseMessage, float, float]] = {}
+        self._extending: asyncio.Task[None] | None = None
 
     def _connect(self, context: zmq.asyncio.Context) -> None:
         socket = context.socket(zmq.DEALER)
@@ -286,6 +290,7 @@ class Worker:
                     else:
                         await self._send(Credit(0).encode())
                     await self._close_idle_pools()
+                    self._extend_leases()
             await self._finish_in_flight()
             deadline = time.monotonic() + 10
             while self._results and time.monotonic() < deadline:
@@ -319,13 +324,62 @@ class Worker:
         if isinstance(message, LeaseMessage):
             failpoints.hit("worker.after_claim")
             self._outstanding += 1
+            if message.expires:  # 1.0 leases say not when they end: nothing to extend
+                length = max(1.0, message.expires - time.time())
+                self._held[message.job] = (message, length, message.expires)
             task = asyncio.ensure_future(self._deliver(message))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(partial(self._release_hold, message.job))
         elif isinstance(message, Chunk):
             self._fetched.deliver(message)
         elif isinstance(message, Who):  # the dispatcher restarted and forgot us
             self._introduce = True
+
+    def _release_hold(self, job: int, _task: asyncio.Task[None]) -> None:
+        self._held.pop(job, None)  # delivered, or failed: nothing more to extend
+
+    def _extend_leases(self) -> None:
+        """Push out, by its own length, the lease of every delivery past half of it (a
+        large instance over a slow link outlives a 120 s lease; re-leased meanwhile, it
+        would go out twice at once and our result would not count). One batch at a time,
+        off the event loop; a lease already lost is left to its new holder."""
+        if self._extending is not None and not self._extending.done():
+            return
+        now = time.time()
+        due = [
+            (lease, length)
+            for lease, length, ends in self._held.values()
+            if ends - now < length / 2
+        ]
+        if due:
+            self._extending = asyncio.ensure_future(self._extend(due))
+
+    async def _extend(self, due: list[tuple[LeaseMessage, float]]) -> None:
+        loop = asyncio.get_running_loop()
+        for lease, length in due:
+            try:
+                held = await loop.run_in_executor(
+                    None, self._queue.extend, lease.job, lease.token, length
+                )
+            except Exception as exc:  # the database may be briefly away: next heartbeat
+                log.warning(
+                    "%s: could not extend the lease of job %d: %s", self.name, lease.job, exc
+                )
+                return
+            if lease.job not in self._held:
+                continue  # finished meanwhile
+            if held:
+                self._held[lease.job] = (lease, length, time.time() + length)
+            else:
+                log.warning(
+                    "%s: the lease of job %d to %s expired before it could be extended;"
+                    " its result will not count",
+                    self.name,
+                    lease.job,
+                    lease.destination,
+                )
+                del self._held[lease.job]
 
     async def _finish_in_flight(self, grace: float = 30.0) -> None:
         if self._tasks:
