@@ -11,13 +11,16 @@ answers a failure status and leaves neither a file nor a row behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from protocol.dimse import CStoreRQ
 from protocol.net import AssociationInfo, StoreOutcome
@@ -30,7 +33,12 @@ from protocol.status import (
     PROCESSING_FAILURE,
     SUCCESS,
 )
-from protocol.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, is_valid_uid
+from protocol.uids import (
+    DEFLATED_EXPLICIT_VR_LE,
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    is_valid_uid,
+)
 from router import failpoints
 from router.audit import AuditLog, instance_received
 from router.db.repository import InstanceResult, NewInstance, Repository
@@ -39,7 +47,7 @@ from router.metrics import listener_metrics
 from router.rules import InstanceFacts, RuleSet
 from router.settings import ListenerSettings
 from router.spool import Spool, SpoolFull, TempFile
-from router.walker import DatasetError, DatasetWalker
+from router.walker import DatasetError, DatasetWalker, Key
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +248,99 @@ def _could_be_uid(values: tuple[str, ...]) -> bool:
     return all(c.isascii() and c.isdigit() for c in components)
 
 
+#: Deflated bytes a background walk reads per step: it checks for a stop between steps,
+#: and 4 KiB inflate to at most ~4 MiB (deflate's ratio is at most 1032:1).
+WALK_STEP = 4096
+
+
+class BackgroundWalk:
+    """Walks a deflated data set off the event loop (catalogue RX-18).
+
+    A deflate bomb of small elements inflates ~674:1 and its headers are walked in Python
+    (~50 ms per inflated MiB): walked inside ``data_received`` one read would stall every
+    association of the listener for seconds. The spool file is the queue: the writer
+    reports how far it has written, this thread ``pread``s from its own read-only descriptor of the
+    file (its descriptor closed by the thread itself on every path) and feeds the walker;
+    nothing is held in memory. Every element header is still walked (DESIGN §3.1): the
+    sink judges the data set only after ``wait`` says the whole file was walked.
+    """
+
+    def __init__(self, walker: DatasetWalker, path: Path, start: int) -> None:
+        self.walker = walker
+        # The spool's descriptor is write-only: a read-only one of the same (just
+        # created, router-named) file, opened here so it exists before the thread does.
+        self._fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self._offset = start
+        self._written = start
+        self._ended = False
+        self._stopped = False
+        self._cond = threading.Condition()
+        # Until the walk finishes, the data set counts as not walked: never stored.
+        self.error: DatasetError | None = DatasetError("the data set was not walked to its end")
+        self.values: dict[Key, tuple[str, ...]] = {}
+        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="deflate-walk", daemon=True)
+        try:
+            self._thread.start()
+        except RuntimeError:
+            os.close(self._fd)
+            raise
+
+    def written(self, end: int) -> None:
+        with self._cond:
+            self._written = end
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+    async def wait(self) -> None:
+        """Every byte written walked (and the walk finished), or the first error."""
+        with self._cond:
+            self._ended = True
+            self._cond.notify()
+        await self._done
+
+    def _run(self) -> None:
+        try:
+            self._walk()
+        except DatasetError as exc:
+            self.error = exc
+        except OSError as exc:  # pread failed: the store fails, not the thread
+            self.error = DatasetError(f"reading the spooled data set failed: {exc}")
+        finally:
+            os.close(self._fd)
+            # RuntimeError: the loop closed meanwhile, and nobody waits.
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(_set_done, self._done)
+
+    def _walk(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped and self._written == self._offset and not self._ended:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                end, ended = self._written, self._ended
+            if self._offset == end and ended:
+                self.values = self.walker.finish()
+                self.error = None
+                return
+            chunk = os.pread(self._fd, min(WALK_STEP, end - self._offset), self._offset)
+            if not chunk:
+                raise DatasetError("spooled data set is shorter than written")
+            self._offset += len(chunk)
+            self.walker.feed(chunk)
+
+
+def _set_done(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
+
+
 class IngestSink:
     """Receives one C-STORE dataset into the spool; ``finish`` makes it durable."""
 
@@ -258,7 +359,12 @@ class IngestSink:
         self._temp = temp
         self._rules = node.rules.rules
         wanted = self._rules.wanted_tags | _ALWAYS_WANTED | _CHECKED_UIDS.keys()
-        self._walker = DatasetWalker(transfer_syntax, wanted, self._rules.wanted_sequence_tags)
+        self._walker = DatasetWalker(
+            transfer_syntax,
+            wanted,
+            self._rules.wanted_sequence_tags,
+            max_inflated_bytes=node.settings.max_inflated_bytes,
+        )
         self._digest = hashlib.sha256()
         self._size = 0
         self._error: str | None = None
@@ -273,6 +379,10 @@ class IngestSink:
             source_ae=info.calling_ae,
         )
         self._write(meta)
+        self._end = len(meta)
+        self._background: BackgroundWalk | None = None
+        if transfer_syntax == DEFLATED_EXPLICIT_VR_LE:
+            self._background = BackgroundWalk(self._walker, temp.path, self._end)
 
     def _write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -290,14 +400,19 @@ class IngestSink:
             self._node.spool.check_room()
         self._write(data)
         self._size += len(data)
+        self._end += len(data)
         self._digest.update(data)
-        if self._error is None:
+        if self._background is not None:
+            self._background.written(self._end)
+        elif self._error is None:
             try:
                 self._walker.feed(data)
             except DatasetError as exc:
                 self._error = str(exc)
 
     def discard(self) -> None:
+        if self._background is not None:
+            self._background.stop()  # it closes its own descriptor within one step
         self._node.spool.discard(self._temp)
 
     async def finish(self) -> StoreOutcome:
@@ -327,7 +442,12 @@ class IngestSink:
 
     async def _finish(self) -> StoreOutcome:
         request = self._request
-        if self._error is None:
+        if self._background is not None:
+            await self._background.wait()
+            if self._background.error is not None:
+                self._error = str(self._background.error)
+            values = self._background.values
+        elif self._error is None:
             try:
                 values = self._walker.finish()
             except DatasetError as exc:

@@ -51,6 +51,9 @@ class ListenerSettings:
     # timeout would otherwise hold its slot for ever (catalogue RX-03).
     min_transfer_rate: int = 1024
     min_transfer_grace: float = 60.0
+    # A Deflated Explicit VR LE data set inflating past this many bytes is refused
+    # (0xC000; catalogue RX-18).
+    max_inflated_bytes: int = 1 << 30
     # "unrouted": keep an instance no rule matched and log a warning; "reject": refuse it.
     unrouted_policy: str = "unrouted"
     # The longest a finished instance waits for the next group commit (seconds).
@@ -335,6 +338,8 @@ def _validate(settings: Settings) -> None:
     for name in ("pdu_timeout", "write_timeout", "min_transfer_grace"):
         if not getattr(listener, name) > 0:
             raise SettingsError(f"listener.{name} must be positive")
+    if listener.max_inflated_bytes < 1:
+        raise SettingsError("listener.max_inflated_bytes must be positive")
     if listener.min_transfer_rate < 0:
         raise SettingsError("listener.min_transfer_rate must be 0 (no minimum) or positive")
     if listener.max_pdu_length != 0 and listener.max_pdu_length < 4096:

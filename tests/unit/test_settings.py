@@ -108,3 +108,12 @@ def test_listener_min_transfer_rate_from_the_environment_and_refused_when_negati
         load_settings(environ={"DICOM_ROUTER_LISTENER_MIN_TRANSFER_RATE": "-1"})
     with pytest.raises(SettingsError, match=r"listener\.min_transfer_grace must be positive"):
         load_settings(environ={"DICOM_ROUTER_LISTENER_MIN_TRANSFER_GRACE": "0"})
+
+
+def test_listener_max_inflated_bytes_from_the_environment_and_refused_when_not_positive() -> None:
+    """listener.max_inflated_bytes: catalogue RX-18's inflation cap, 1 GiB by default."""
+    assert load_settings(environ={}).listener.max_inflated_bytes == 1 << 30
+    env = {"DICOM_ROUTER_LISTENER_MAX_INFLATED_BYTES": "1048576"}
+    assert load_settings(environ=env).listener.max_inflated_bytes == 1 << 20
+    with pytest.raises(SettingsError, match=r"listener\.max_inflated_bytes must be positive"):
+        load_settings(environ={"DICOM_ROUTER_LISTENER_MAX_INFLATED_BYTES": "0"})

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import socket
 import struct
@@ -553,6 +554,62 @@ def test_rx_18_deflate_bomb_is_refused_with_memory_flat(catalogue_node, invarian
     assert growth < 64 * 1024
     assert uid not in catalogue_node.uids()
     invariant.expect_warning(r"C-STORE answered 0x(C|A7)|a PDU did not complete")
+
+
+def test_rx_18_element_bomb_does_not_block_the_listener(catalogue_node, invariant):
+    """A deflated data set of many empty 8-byte elements (scaled: 24 MiB inflated from
+    ~40 KB, ~674:1, walked in ~1.3 s: under this module's 3 s deadlines, which also run
+    while a store's answer is pending) makes the walker slow, unlike
+    the zeros bomb: it is walked off the event loop, so C-ECHOes on a second association
+    keep being answered while the bomb's C-STORE is still unanswered, and the store then
+    gets its answer (success: under the cap) with no temporary file left behind."""
+    uid = generate_uid()
+    ds = catalogue_dataset(uid)
+    del ds.PixelData
+    element = struct.pack("<HH2sH", 0x7FE1, 0x0001, b"LO", 0)  # 8 bytes, no value
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    prefix = compressor.compress(encode_dataset(ds, EXPL)) + compressor.flush(zlib.Z_FULL_FLUSH)
+    block = compressor.compress(element * (1 << 17)) + compressor.flush(zlib.Z_FULL_FLUSH)
+    data = prefix + block * 24 + compressor.flush()  # 24 blocks of 1 MiB
+    contexts = ((1, VERIFICATION, (IMPLICIT_LE,)), (3, CT_IMAGE, (DEFLATED,)))
+    with (
+        RawPeer(HOST, catalogue_node.port, timeout=60) as bomb,
+        RawPeer(HOST, catalogue_node.port) as echo,
+    ):
+        echo.associate()
+        bomb.associate(contexts=contexts)
+        bomb.send(p_data_tf(pdv(3, COMMAND_LAST, c_store_rq(1, CT_IMAGE, uid))))
+        for offset in range(0, len(data), 1 << 16):
+            last = offset + (1 << 16) >= len(data)
+            chunk = data[offset : offset + (1 << 16)]
+            bomb.send(p_data_tf(pdv(3, DATASET_LAST if last else DATASET_MORE, chunk)))
+        answered_meanwhile = 0
+        started = time.monotonic()
+        while True:
+            ready, _, _ = select.select([bomb.sock], [], [], 0)
+            if ready:
+                break
+            echo.send(p_data_tf(pdv(1, COMMAND_LAST, c_echo_rq(answered_meanwhile + 1))))
+            pdu_type, body = echo.recv_pdu(within=10)
+            assert pdu_type == 0x04
+            echo_status = parse_command_status(bytes([4, 0]) + len(body).to_bytes(4, "big") + body)
+            assert echo_status == 0x0000
+            answered_meanwhile += 1
+        walk = time.monotonic() - started
+        pdu_type, body = bomb.recv_pdu(within=60)
+        status = parse_command_status(bytes([4, 0]) + len(body).to_bytes(4, "big") + body)
+        bomb.release()
+        echo.release()
+    print(
+        f"RX-18 element bomb: {len(data)} deflated bytes, {answered_meanwhile} echoes"
+        f" answered during {walk:.2f} s before status {status}"
+    )
+    assert pdu_type == 0x04 and status == 0x0000, status
+    assert answered_meanwhile >= 2  # answered while the bomb's store was still unanswered
+    assert not catalogue_node.tmp_files()
+    assert uid in catalogue_node.uids()
+    invariant.acknowledged(uid)
+    invariant.expect_no_warning()
 
 
 # --------------------------------------------------------------------------------------
