@@ -350,8 +350,16 @@ class AssociationProtocol(asyncio.Protocol):
             self._idle.cancel()
         self._idle = self._loop.call_later(self.timeouts.idle, self._idle_expired)
 
+    def _owes_response(self) -> bool:
+        """Whether the peer is waiting for us (a response being made): it is then silent
+        by the protocol, and the idle timer must not count that (an SCP overrides)."""
+        return False
+
     def _idle_expired(self) -> None:
         self._idle = None
+        if self._owes_response():
+            self._touch_idle()  # our turn, not the peer's: start counting once we answer
+            return
         log.warning("%s: no data for %.0f s, aborting", self.info.peer, self.timeouts.idle or 0)
         self.on_aborted(
             Aborted(AbortSource.SERVICE_USER, 0, True, AssociationAborted(0, 0, "idle timeout"))

@@ -287,6 +287,9 @@ class SCPAssociation(AssociationProtocol):
             self.transport.pause_reading()
         self._pending_finish = asyncio.ensure_future(self._await_finish(result))
 
+    def _owes_response(self) -> bool:
+        return self._pending_finish is not None
+
     async def _await_finish(self, result: Awaitable[StoreOutcome]) -> None:
         try:
             outcome = await result
@@ -300,6 +303,7 @@ class SCPAssociation(AssociationProtocol):
             return
         self._respond(outcome)
         self.transport.resume_reading()
+        self._touch_idle()  # the peer's turn again: the idle timeout counts from here
 
     def _respond(self, outcome: StoreOutcome) -> None:
         request = self._request
