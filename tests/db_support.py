@@ -228,3 +228,32 @@ def requested_pg_url(request: pytest.FixtureRequest) -> str | None:
     if request.getfixturevalue("db_backend") == "sqlite":
         return None
     return str(request.getfixturevalue("pg_database")())
+
+
+def new_instance(
+    n: int,
+    *destinations: str,
+    spool_name: str | None = None,
+    size: int = 100,
+    priority: int = 0,
+) -> Any:
+    """A NewInstance for repository and queue tests: UID 1.2.3.<n> of a CT study
+    1.2.3 from CT1, its spool name and digest made from ``n``; unrouted without
+    destinations."""
+    from router.db.repository import NewInstance
+
+    return NewInstance(
+        sop_instance_uid=f"1.2.3.{n}",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax="1.2.840.10008.1.2.1",
+        study_instance_uid="1.2.3",
+        calling_aet="CT1",
+        called_aet="ROUTER",
+        peer_address="10.0.0.9",
+        spool_name=spool_name or f"{n % 256:02x}/{n:032x}.dcm",
+        size=size,
+        digest=f"{n:064x}",
+        destinations=destinations,
+        unrouted=not destinations,
+        priority=priority,
+    )

@@ -8,31 +8,15 @@ import datetime as dt
 from collections.abc import Callable
 
 import pytest
+from db_support import new_instance
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from router.db import engine as engine_module
 from router.db.engine import make_engine
-from router.db.repository import NewInstance, Repository
+from router.db.repository import Repository
 
 pytestmark = pytest.mark.postgresql
-
-
-def _instance(n: int) -> NewInstance:
-    return NewInstance(
-        sop_instance_uid=f"1.2.3.{n}",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        transfer_syntax="1.2.840.10008.1.2.1",
-        study_instance_uid="1.2.3",
-        calling_aet="CT1",
-        called_aet="ROUTER",
-        peer_address="10.0.0.9",
-        spool_name=f"{n:02x}/{n:032x}.dcm",
-        size=100,
-        digest=f"{n:064x}",
-        destinations=("pacs",),
-        unrouted=False,
-    )
 
 
 def test_every_session_has_the_lock_timeout(pg_database: Callable[..., str]) -> None:
@@ -60,8 +44,8 @@ def test_a_commit_behind_a_held_row_lock_fails_after_the_lock_timeout(
             # (Had it waited, the holder's idle-in-transaction timeout would have ended
             # the lock after 10 s and the insert would have gone through, not raised.)
             with pytest.raises(OperationalError, match="lock timeout"):
-                repository.record_instances([_instance(1)])
-        repository.record_instances([_instance(2)])  # and the next commit goes through
+                repository.record_instances([new_instance(1, "pacs")])
+        repository.record_instances([new_instance(2, "pacs")])  # and the next commit goes through
     finally:
         engine.dispose()
         other.dispose()

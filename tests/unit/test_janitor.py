@@ -10,11 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from db_support import new_instance
 from sqlalchemy import Engine
 
 from router.db.engine import make_engine
 from router.db.jobs import JobQueue
-from router.db.repository import NewInstance, Repository
+from router.db.repository import Repository
 from router.janitor import SpoolJanitor
 from router.spool import Spool
 
@@ -64,24 +65,7 @@ def receive(repo: Repository, spool: Spool, n: int, *destinations: str) -> str:
     temp = spool.create_temp()
     os.write(temp.fd, b"dataset")
     spool.commit(temp)
-    repo.record_instances(
-        [
-            NewInstance(
-                sop_instance_uid=f"1.2.3.{n}",
-                sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-                transfer_syntax="1.2.840.10008.1.2.1",
-                study_instance_uid="1.2.3",
-                calling_aet="CT1",
-                called_aet="ROUTER",
-                peer_address="10.0.0.9",
-                spool_name=temp.spool_name,
-                size=7,
-                digest=f"{n:064x}",
-                destinations=destinations,
-                unrouted=not destinations,
-            )
-        ]
-    )
+    repo.record_instances([new_instance(n, *destinations, spool_name=temp.spool_name, size=7)])
     return temp.spool_name
 
 

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from db_support import new_instance
 from sqlalchemy import Engine, text
 
 from router.db.engine import make_engine
@@ -26,7 +27,7 @@ from router.db.jobs import (
 )
 from router.db.migrate import upgrade
 from router.db.models import JobState
-from router.db.repository import NewInstance, Repository
+from router.db.repository import Repository
 
 NOW = dt.datetime(2026, 5, 1, 12, 0, 0, tzinfo=dt.UTC)
 HIGH, MEDIUM, LOW = 1, 0, 2
@@ -80,23 +81,7 @@ def spool(n: int) -> str:
 
 def add(repo: Repository, n: int, *destinations: str, priority: int = MEDIUM) -> list[int]:
     result = repo.record_instances(
-        [
-            NewInstance(
-                sop_instance_uid=f"1.2.3.{n}",
-                sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-                transfer_syntax="1.2.840.10008.1.2.1",
-                study_instance_uid="1.2.3",
-                calling_aet="CT1",
-                called_aet="ROUTER",
-                peer_address="10.0.0.9",
-                spool_name=spool(n),
-                size=100,
-                digest=f"{n:064x}",
-                destinations=destinations,
-                unrouted=not destinations,
-                priority=priority,
-            )
-        ]
+        [new_instance(n, *destinations, spool_name=spool(n), priority=priority)]
     )
     return list(result[0].job_ids)
 

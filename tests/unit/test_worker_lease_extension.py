@@ -11,28 +11,13 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
+from db_support import new_instance
+
 from router.db.engine import make_engine
 from router.db.jobs import JobQueue
-from router.db.repository import NewInstance, Repository
+from router.db.repository import Repository
 from router.dispatcher import lease_message
 from workers.worker import Worker
-
-
-def _instance() -> NewInstance:
-    return NewInstance(
-        sop_instance_uid="1.2.3.1",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        transfer_syntax="1.2.840.10008.1.2.1",
-        study_instance_uid="1.2.3",
-        calling_aet="CT1",
-        called_aet="ROUTER",
-        peer_address="10.0.0.9",
-        spool_name=f"00/{1:032x}.dcm",
-        size=100,
-        digest=f"{1:064x}",
-        destinations=("pacs",),
-        unrouted=False,
-    )
 
 
 async def _deliver_slowly(
@@ -59,7 +44,7 @@ def test_a_long_delivery_keeps_its_lease_and_a_finished_one_is_let_go(
     try:
         repository = Repository(engine)
         repository.add_destination("pacs", "PACS", "10.0.0.5", 104)
-        repository.record_instances([_instance()])
+        repository.record_instances([new_instance(1, "pacs")])
         queue = JobQueue(engine)
         worker = Worker(queue, None, "ipc:///nonexistent", fetch_dir=tmp_path)
         first_expiry, seen = asyncio.run(_deliver_slowly(worker, queue, 2.0, 3.5))
