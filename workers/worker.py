@@ -466,9 +466,11 @@ class Worker:
         state, when = policy.next_step(
             message.attempts + 1, message.deliveries, verdict, dt.datetime.now(dt.UTC), self._rng
         )
-        # A success is one line per instance forwarded: debug (the audit log records every
-        # forward already); a warning status or a failure is always a WARNING.
-        level = logging.DEBUG if verdict == Verdict.DONE else logging.WARNING
+        level = (
+            logging.INFO
+            if verdict in (Verdict.DONE, Verdict.DONE_WITH_WARNING)
+            else logging.WARNING
+        )
         log.log(level, "job %d to %s: %s -> %s", message.job, message.destination, reason, state)
         self._results.append(
             self._result(message, state, verdict, reason, outcome, started, duration_ms, when)
