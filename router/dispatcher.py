@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -37,7 +37,7 @@ import zmq.asyncio
 from router import failpoints
 from router.backoff import DestinationHealth
 from router.curve import KeyPair, ZapHandler
-from router.db.jobs import JobQueue, Lease, Leases
+from router.db.jobs import JobQueue, Lease
 from router.liveness import WorkerSeen, remove_view, write_view
 from router.messages import (
     MAX_CHUNK,
@@ -80,12 +80,6 @@ class _Worker:
     # Leases held per destination, for a worker that says which it gives back (1.2).
     held: Counter[str] | None = None
     host: str = "local"  # the connection's peer address (tcp://), for liveness
-    suspect: bool = False  # it holds a suspect lease (FI-08): nothing goes with it
-
-    def idle(self) -> bool:
-        """It holds no lease (known only of a 1.2 worker, which reports what it gives
-        back)."""
-        return self.held is not None and not +self.held
 
 
 def lease_message(lease: Lease) -> LeaseMessage:
@@ -148,8 +142,6 @@ class Dispatcher:
         self._tick = tick
         self._worker_timeout = worker_timeout
         self._workers: dict[tuple[int, bytes], _Worker] = {}
-        # The worker left to run empty for a suspect job that is waiting (see _mode).
-        self._draining: tuple[int, bytes] | None = None
         self._liveness = liveness  # where queue status and the metrics read workers
         self._published = 0.0
         self._covered: dict[tuple[str, str], float] = {}
@@ -368,12 +360,8 @@ class Dispatcher:
         """Lease for every worker with credit; True if more work may be waiting."""
         loop = asyncio.get_running_loop()
         more = False
-        if self._draining is not None and self._draining not in self._workers:
-            self._draining = None
-        for key, worker in list(self._workers.items()):
-            identity = key[1]
-            mode = self._mode(key, worker)
-            if worker.credit <= 0 or mode is None:
+        for (_, identity), worker in list(self._workers.items()):
+            if worker.credit <= 0:
                 continue
             held: Counter[str] = worker.held if worker.held is not None else Counter()
             capped = worker.held is not None
@@ -398,7 +386,6 @@ class Dispatcher:
                         worker.credit,
                         self._lease_seconds,
                         room=room,
-                        suspects=mode,
                     ),
                 )
             except Exception as exc:  # the database may be briefly unavailable
@@ -406,7 +393,6 @@ class Dispatcher:
                 return True
             if leases:
                 failpoints.hit("dispatcher.after_lease_commit")
-            self._note_suspects(key, worker, leases)
             for lease in leases:
                 await worker.socket.send_multipart([identity, lease_message(lease).encode()])
                 if worker.held is not None:
@@ -416,35 +402,6 @@ class Dispatcher:
             more = more or len(leases) == worker.credit
             worker.credit -= len(leases)
         return more
-
-    def _mode(self, key: tuple[int, bytes], worker: _Worker) -> Literal["alone", "skip"] | None:
-        """How a worker may be given suspects (jobs a worker died holding, FI-08): only
-        alone, to a worker that holds nothing else, so that if the suspect is a poison
-        instance its crash costs no other job a delivery. None: give it nothing now (it
-        holds a suspect, or it is being left to run empty so that a waiting suspect has
-        a worker: otherwise a busy node would never have one idle)."""
-        if worker.held is None:
-            return "alone"  # 1.0/1.1: what it holds is unknown; alone in its batch
-        idle = worker.idle()
-        if idle:
-            worker.suspect = False
-        if worker.suspect or (key == self._draining and not idle):
-            return None
-        return "alone" if idle else "skip"
-
-    def _note_suspects(self, key: tuple[int, bytes], worker: _Worker, leases: Leases) -> None:
-        if self._draining == key:
-            self._draining = None  # it ran empty and was offered the suspects first
-        if any(lease.suspect for lease in leases):
-            worker.suspect = worker.held is not None
-        elif leases.suspects_skipped and self._draining is None and worker.held is not None:
-            self._draining = key
-            log.info(
-                "dispatcher: %d job(s) a worker died holding wait to go alone; letting"
-                " worker %s run empty for them",
-                leases.suspects_skipped,
-                worker.name,
-            )
 
 
 def _peer(endpoint: Endpoint, frame: zmq.Frame) -> str:
