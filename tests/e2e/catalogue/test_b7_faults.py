@@ -432,10 +432,6 @@ def _spool_file_deleted(walk: Walk) -> None:
     to someone else; once archive is back the job is dead with the reason, not retried."""
     node = walk.node
     archive = next(scp for scp in walk.scps if scp.name == "archive")
-    # The job must still be waiting when its file goes: its refused attempts must not
-    # reach the destination's cap first, however long pacs takes (one CI run: 10
-    # attempts, "connection refused", dead before the file was deleted).
-    _set_max_retries(node, "archive", 100_000)
     archive.stop()
     [uid] = _more_traffic(walk, 1)
     walk.acknowledged.discard(uid)  # nothing is left to deliver to archive
@@ -455,16 +451,6 @@ def _spool_file_deleted(walk: Walk) -> None:
 
     _wait(lambda: state()[0] == "dead", WAIT, 0.2)
     walk.deleted = (job, *state())
-    _set_max_retries(node, "archive", 10)  # the default again
-
-
-def _set_max_retries(node: Node, destination: str, attempts: int) -> None:
-    """Read at every lease (the jobs' query joins destinations): takes effect at once."""
-    with contextlib.closing(sqlite3.connect(node.data_dir / "router.sqlite", timeout=30)) as db:
-        db.execute(
-            "update destinations set max_retries = ? where name = ?", (attempts, destination)
-        )
-        db.commit()
 
 
 def _dead_letter_kept_and_retried(walk: Walk) -> None:
@@ -509,9 +495,6 @@ def walk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Walk]:
     env = {
         "DICOM_ROUTER_FAILPOINT": ",".join(ALL_POINTS),
         "DICOM_ROUTER_FAILPOINT_ONCE": str(once),
-        # FI-20's archive job must outlast its destination's outage, however long pacs
-        # takes meanwhile: no delivery cap on the way (each refused attempt is one).
-        "DICOM_ROUTER_WORKERS_MAX_DELIVERIES": "100000",
     }
     node = Node(root, lease_seconds=LEASE_SECONDS, env=env)
     serve_args = ("--listeners", "4", "--workers", "4")
