@@ -13,6 +13,17 @@ seconds (it sends heartbeats) is forgotten. Listeners PUSH a ``job`` message aft
 commit (the fast path); without one the dispatcher still sweeps the database once per
 ``sweep`` seconds.
 
+A destination's ``max_associations`` holds for the whole node (DESIGN §3.3): a
+worker of revision 1.4 or later gets the destination's jobs only while it holds a share
+of that limit, one association at a time (a second share once its first is busy with
+``pipeline`` leases). It keeps its shares while it holds an association to the
+destination, idle ones included, and says when it has closed them all (credit
+``closed``; hello ``open`` after a restart of either side); a worker forgotten or gone
+gives its shares back. Otherwise several workers, each pooling its own associations,
+would open more than a one-association destination (DCMTK's storescp without
+``--fork``) takes, and wait for the ACSE timeout behind one another. Older workers are
+not counted: each keeps the limit for itself.
+
 A worker without the node's filesystem asks for a spool file in chunks (``fetch``); the
 dispatcher answers (``chunk``) only while that worker's token holds a lease on a job of
 that very instance, so reaching the port does not open the spool.
@@ -26,7 +37,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -52,6 +63,7 @@ from router.messages import (
     Who,
     decode,
 )
+from router.processes import has_exited
 from router.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -80,9 +92,20 @@ class _Worker:
     # Leases held per destination, for a worker that says which it gives back (1.2).
     held: Counter[str] | None = None
     host: str = "local"  # the connection's peer address (tcp://), for liveness
+    minor: int = 0
+    pid: int = 0  # with pid_ns: its process, where the dispatcher can see it (1.4)
+    pid_ns: str = ""
+    # Associations granted per destination, for a worker that says when it closed them
+    # (1.4): its share of each destination's node-wide limit.
+    shares: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def counted(self) -> bool:
+        return self.held is not None and self.minor >= 4
 
 
-def lease_message(lease: Lease) -> LeaseMessage:
+def lease_message(lease: Lease, associations: int | None = None) -> LeaseMessage:
+    """``associations``: the worker's share of the destination's limit (None: all)."""
     return LeaseMessage(
         job=lease.job_id,
         instance=lease.instance_id,
@@ -90,7 +113,7 @@ def lease_message(lease: Lease) -> LeaseMessage:
         ae_title=lease.ae_title,
         host=lease.host,
         port=lease.port,
-        max_associations=lease.max_associations,
+        max_associations=lease.max_associations if associations is None else associations,
         max_retries=lease.max_retries,
         spool_name=lease.spool_name,
         transfer_syntax=lease.transfer_syntax,
@@ -144,6 +167,7 @@ class Dispatcher:
         self._workers: dict[tuple[int, bytes], _Worker] = {}
         self._liveness = liveness  # where queue status and the metrics read workers
         self._published = 0.0
+        self._looked = 0.0  # when /proc was last read for exited workers
         self._covered: dict[tuple[str, str], float] = {}
         self._fetches: set[asyncio.Task[Any]] = set()
         self.ports: list[int] = []  # of the tcp:// endpoints, once bound (port 0: any)
@@ -255,9 +279,26 @@ class Dispatcher:
         if isinstance(message, Hello):
             known = self._workers.get(key)
             held: Counter[str] | None = Counter() if message.minor >= 2 else None
-            self._workers[key] = _Worker(
-                message.worker, message.destinations, message.credit, now, socket, held, peer
+            hello = _Worker(
+                message.worker,
+                message.destinations,
+                message.credit,
+                now,
+                socket,
+                held,
+                peer,
+                minor=message.minor,
+                pid=message.pid,
+                pid_ns=message.pid_ns,
+                shares=Counter(message.open or ()),
             )
+            if known is not None and known.name == message.worker and known.held:
+                # Leases on their way to it may open associations its hello did not
+                # count yet: keep those destinations' shares.
+                for name, count in known.shares.items():
+                    if known.held[name] > 0:
+                        hello.shares[name] = max(hello.shares[name], count)
+            self._workers[key] = hello
             self._work = True
             if known is None or known.name != message.worker:
                 log.info("worker %s connected (credit %d)", message.worker, message.credit)
@@ -275,6 +316,10 @@ class Dispatcher:
             if worker.held is not None and message.done:
                 worker.held.subtract(message.done)
                 worker.held += Counter()  # drop the ones at zero or below
+            for name in message.closed or ():
+                # Unless a lease is on its way to it (that delivery will open one).
+                if worker.held is None or worker.held[name] <= 0:
+                    worker.shares.pop(name, None)
             for name in message.down or ():
                 self._health.unreachable(name)
                 log.info("destination %s unreachable: backing off", name)
@@ -350,10 +395,18 @@ class Dispatcher:
             log.warning("dispatcher: could not write the workers' liveness: %s", exc)
 
     def _forget_silent(self) -> None:
-        limit = time.monotonic() - self._worker_timeout
+        now = time.monotonic()
+        limit = now - self._worker_timeout
+        look = now - self._looked >= 1.0  # /proc once a second
+        if look:
+            self._looked = now
         for key, worker in list(self._workers.items()):
             if worker.last_seen < limit:
                 log.warning("worker %s is silent; its leases will expire", worker.name)
+                del self._workers[key]
+            elif look and has_exited(worker.pid, worker.pid_ns):
+                # Killed: its associations closed with it, so its shares are free now.
+                log.warning("worker %s has exited; its leases will expire", worker.name)
                 del self._workers[key]
 
     async def _dispatch(self) -> bool:
@@ -365,16 +418,27 @@ class Dispatcher:
                 continue
             held: Counter[str] = worker.held if worker.held is not None else Counter()
             capped = worker.held is not None
+            granted: dict[str, int] = {}  # shares this lease call may use, per destination
 
             def room(
-                name: str, associations: int, held: Counter[str] = held, capped: bool = capped
+                name: str,
+                associations: int,
+                worker: _Worker = worker,
+                held: Counter[str] = held,
+                capped: bool = capped,
+                granted: dict[str, int] = granted,
             ) -> int:
+                if worker.counted:
+                    granted[name] = shares = self._grant(worker, name, associations)
+                    rooms = shares * self._pipeline - held[name]
+                elif capped:
+                    rooms = max(1, associations) * self._pipeline - held[name]
+                else:
+                    rooms = 1 << 30  # a 1.0/1.1 worker: no per-destination count
                 probe = self._health.room(name, held[name])
                 if probe is not None:
-                    return probe  # in backoff (0), or one probe job
-                if not capped:
-                    return 1 << 30  # a 1.0/1.1 worker: no per-destination count
-                return max(1, associations) * self._pipeline - held[name]
+                    return min(probe, max(0, rooms))  # in backoff (0), or one probe job
+                return rooms
 
             try:
                 leases = await loop.run_in_executor(
@@ -394,7 +458,12 @@ class Dispatcher:
             if leases:
                 failpoints.hit("dispatcher.after_lease_commit")
             for lease in leases:
-                await worker.socket.send_multipart([identity, lease_message(lease).encode()])
+                associations = None
+                if worker.counted:
+                    name = lease.destination
+                    associations = worker.shares[name] = max(worker.shares[name], granted[name])
+                message = lease_message(lease, associations)
+                await worker.socket.send_multipart([identity, message.encode()])
                 if worker.held is not None:
                     worker.held[lease.destination] += 1
             if leases:
@@ -402,6 +471,17 @@ class Dispatcher:
             more = more or len(leases) == worker.credit
             worker.credit -= len(leases)
         return more
+
+    def _grant(self, worker: _Worker, name: str, limit: int) -> int:
+        """The associations to ``name`` that ``worker`` may use now: those it holds,
+        and one more while the node-wide ``limit`` leaves one and the worker has none or
+        keeps its own busy (its held leases fill their pipelines)."""
+        mine = worker.shares[name]
+        taken = sum(w.shares[name] for w in self._workers.values() if w.counted)
+        held = worker.held[name] if worker.held is not None else 0
+        if taken < max(1, limit) and (mine == 0 or held >= mine * self._pipeline):
+            return mine + 1
+        return mine
 
 
 def _peer(endpoint: Endpoint, frame: zmq.Frame) -> str:

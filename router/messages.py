@@ -12,7 +12,8 @@ minor revision may add fields; a field added in a minor revision is optional and
 with its default (in brackets below). Revision 1.0: job, hello, credit, lease, bye.
 Revision 1.1: hello ``minor`` and ``"all"``, lease ``sop_instance`` and ``expires``,
 result, heartbeat, fetch, chunk. Revision 1.2: credit ``done``, ``down`` and ``up``,
-chunk ``token``, who. Revision 1.3: lease ``study`` (``MINOR`` = 3).
+chunk ``token``, who. Revision 1.3: lease ``study``. Revision 1.4: hello ``open``,
+hello ``pid`` and ``pid_ns``, credit ``closed`` (``MINOR`` = 4).
 Times are seconds since the Unix epoch (UTC), a float (an int is read as one), finite
 and not negative.
 
@@ -27,14 +28,26 @@ leases, one credit each; the worker gives credit back as it finishes. A result c
 while its token still holds the job's lease (router/db/jobs.py)::
 
     hello      w -> d  {"worker": str, "destinations": [str, ...] | "all",
-                        "credit": uint (leases it can hold), "minor": uint [0]}
+                        "credit": uint (leases it can hold), "minor": uint [0],
+                        "open": [str, ...] [nil], "pid": uint [0], "pid_ns": str [""]}
                        (nil destinations, as 1.0 wrote them, also mean "all")
+                       open (1.4): one destination name per association the worker
+                       holds open (a restarted dispatcher learns its count from it);
+                       pid, pid_ns (1.4): the worker's process id and PID namespace
+                       (/proc/self/ns/pid), so that a dispatcher in the same namespace
+                       sees at once that a killed worker is gone
     credit     w -> d  {"credit": uint, "done": [str, ...] [nil], "down": [str, ...] [nil],
-                        "up": [str, ...] [nil]}: that many more leases; 0 is a keep-alive.
+                        "up": [str, ...] [nil], "closed": [str, ...] [nil]}: that many
+                       more leases; 0 is a keep-alive.
                        done: the destination of each lease given back (the dispatcher
                        caps the leases a worker holds per destination); down / up: the
                        destinations whose last attempt here could not reach them / did
-                       (the dispatcher's destination backoff, router/backoff.py)
+                       (the dispatcher's destination backoff, router/backoff.py);
+                       closed (1.4): destinations this worker has leased for and now
+                       holds no association to (nor a delivery in progress)
+    lease's max_associations: to a 1.4 worker, the associations it may open to the
+                       destination (its share of the destination's node-wide limit);
+                       to an older one, the destination's limit
     who        d -> w  {}: the dispatcher does not know this worker (it restarted): the
                        worker says hello again, with the credit it has free
     lease      d -> w  {"job": uint, "instance": uint, "destination": str, "ae_title": str,
@@ -77,7 +90,7 @@ from typing import Any, ClassVar, cast
 import msgpack
 
 VERSION = 1  # the major version: a message with another "v" is refused
-MINOR = 3  # this module's revision within VERSION, announced in hello
+MINOR = 4  # this module's revision within VERSION, announced in hello
 MAX_CHUNK = 1 << 20  # bytes per fetch; well under ZeroMQ's message limits
 VERDICTS = frozenset({"done", "done_with_warning", "retry", "dead"})  # workers.retry.Verdict
 
@@ -118,10 +131,17 @@ class Hello(_Message):
     destinations: tuple[str, ...] | None  # None: every destination
     credit: int
     minor: int = MINOR
+    open: tuple[str, ...] | None = None  # 1.4
+    pid: int = 0  # 1.4 (0: not said)
+    pid_ns: str = ""  # 1.4
 
     def _fields(self) -> dict[str, Any]:
         fields = _Message._fields(self)
         fields["destinations"] = "all" if self.destinations is None else list(self.destinations)
+        if self.open is None:
+            del fields["open"]
+        else:
+            fields["open"] = list(self.open)
         return fields
 
 
@@ -132,10 +152,11 @@ class Credit(_Message):
     done: tuple[str, ...] | None = None  # 1.2
     down: tuple[str, ...] | None = None  # 1.2
     up: tuple[str, ...] | None = None  # 1.2
+    closed: tuple[str, ...] | None = None  # 1.4
 
     def _fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {"credit": self.credit}
-        for name in ("done", "down", "up"):
+        for name in ("done", "down", "up", "closed"):
             value = getattr(self, name)
             if value is not None:
                 fields[name] = list(value)
@@ -331,6 +352,9 @@ _SCHEMAS: dict[str, tuple[type[_Message], dict[str, _Reader | _Optional]]] = {
             "destinations": _destinations,
             "credit": _uint,
             "minor": _Optional(_uint, 0),
+            "open": _Optional(_names, None),
+            "pid": _Optional(_uint, 0),
+            "pid_ns": _Optional(_str, ""),
         },
     ),
     "credit": (
@@ -340,6 +364,7 @@ _SCHEMAS: dict[str, tuple[type[_Message], dict[str, _Reader | _Optional]]] = {
             "done": _Optional(_names, None),
             "down": _Optional(_names, None),
             "up": _Optional(_names, None),
+            "closed": _Optional(_names, None),
         },
     ),
     "who": (Who, {}),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import ssl
 import time
@@ -68,6 +69,7 @@ class _Slot:
     association: Association | None = None
     pairs: frozenset[tuple[str, str]] = field(default_factory=frozenset)
     last_used: float = 0.0
+    busy: bool = False
 
 
 class DestinationPool:
@@ -85,18 +87,45 @@ class DestinationPool:
         self._tls = tls
         self._idle_close = idle_close
         self._free: asyncio.Queue[_Slot] = asyncio.Queue()
-        for _ in range(max(1, destination.max_associations)):
-            self._free.put_nowait(_Slot())
+        self._slots: list[_Slot] = []
+        self._capacity = 0
+        self.resize(destination.max_associations)
         self._seen: dict[tuple[str, str], None] = {}
+
+    @property
+    def open_associations(self) -> int:
+        """Associations open or being used (a slot in use may be opening one)."""
+        return sum(1 for slot in self._slots if slot.busy or slot.association is not None)
+
+    def resize(self, associations: int) -> None:
+        """Allow up to ``associations`` (at least 1) at once: the dispatcher's share
+        of the destination's node-wide limit for this worker can grow. Shrinking takes
+        effect as slots come free (their associations are released)."""
+        self._capacity = max(1, associations)
+        self.destination = dataclasses.replace(self.destination, max_associations=self._capacity)
+        while len(self._slots) < self._capacity:
+            slot = _Slot()
+            self._slots.append(slot)
+            self._free.put_nowait(slot)
 
     async def send(self, item: Item) -> Outcome:
         """Send one instance; returns the DIMSE status or the failure as an ``Outcome``."""
         slot = await self._free.get()
+        while len(self._slots) > self._capacity:  # the share shrank: one slot fewer
+            self._slots.remove(slot)
+            await self._drop(slot)
+            slot = await self._free.get()
+        slot.busy = True
         try:
             return await self._send_on(slot, item)
         finally:
+            slot.busy = False
             slot.last_used = time.monotonic()
-            self._free.put_nowait(slot)
+            if len(self._slots) > self._capacity:
+                self._slots.remove(slot)  # over the share: this association goes
+                await self._drop(slot)
+            else:
+                self._free.put_nowait(slot)
 
     async def _send_on(self, slot: _Slot, item: Item) -> Outcome:
         pair = (item.sop_class_uid, item.transfer_syntax)

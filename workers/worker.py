@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -51,6 +52,7 @@ from router.messages import (
     Who,
     decode,
 )
+from router.processes import pid_namespace
 from router.spool import Spool
 from router.tls import TlsConfigError
 from workers.retry import Failure, Outcome, RetryPolicy, Verdict, classify
@@ -199,6 +201,7 @@ class Worker:
         self._timeouts = timeouts or Timeouts(connect=10, acse=30, dimse=120)
         self._heartbeat = heartbeat
         self._pools: dict[str, DestinationPool] = {}
+        self._leased: set[str] = set()  # destinations leased for (credit's "closed")
         self._rng = random.Random()
         self._tasks: set[asyncio.Task[None]] = set()
         self._results: list[Result] = []
@@ -288,7 +291,7 @@ class Worker:
                         # forgotten us; introducing ourselves again is harmless.
                         await self._send(self._hello())
                     else:
-                        await self._send(Credit(0).encode())
+                        await self._send(Credit(0, closed=self._closed(self._leased)).encode())
                     await self._close_idle_pools()
                     self._extend_leases()
             await self._finish_in_flight()
@@ -313,7 +316,24 @@ class Worker:
 
     def _hello(self) -> bytes:
         free = max(0, self._credit - self._outstanding)
-        return Hello(self.name, self._destinations, free).encode()
+        open_ = tuple(
+            name for name, pool in self._pools.items() for _ in range(pool.open_associations)
+        )
+        return Hello(
+            self.name, self._destinations, free, open=open_, pid=os.getpid(), pid_ns=pid_namespace()
+        ).encode()
+
+    def _closed(self, names: Iterable[str]) -> tuple[str, ...] | None:
+        """Of ``names``, those this worker holds no association to: the dispatcher
+        gives their shares of the node-wide limit to other workers (1.4)."""
+        closed = tuple(
+            sorted(
+                name
+                for name in names
+                if (pool := self._pools.get(name)) is None or pool.open_associations == 0
+            )
+        )
+        return closed or None
 
     def _accept(self, data: bytes) -> None:
         try:
@@ -324,6 +344,7 @@ class Worker:
         if isinstance(message, LeaseMessage):
             failpoints.hit("worker.after_claim")
             self._outstanding += 1
+            self._leased.add(message.destination)
             if message.expires:  # 1.0 leases say not when they end: nothing to extend
                 length = max(1.0, message.expires - time.time())
                 self._held[message.job] = (message, length, message.expires)
@@ -398,7 +419,11 @@ class Worker:
             lease.max_associations,
             tls=tls,
         )
-        if pool is None or pool.destination != target:
+        if pool is not None and pool.destination == dataclasses.replace(
+            target, max_associations=pool.destination.max_associations
+        ):
+            pool.resize(target.max_associations)  # the dispatcher's share changed
+        elif pool is None or pool.destination != target:
             if pool is not None:
                 await pool.close()
             pool = DestinationPool(target, self._calling_ae, self._timeouts, tls=tls_context(tls))
@@ -499,7 +524,8 @@ class Worker:
             down = tuple(name for name, ok in reached.items() if not ok)
             up = tuple(name for name, ok in reached.items() if ok)
             self._outstanding -= len(batch)
-            await self._send(Credit(len(batch), done, down, up).encode())
+            closed = self._closed(set(done))
+            await self._send(Credit(len(batch), done, down, up, closed).encode())
             if self._audit is not None:  # after the credit: the next leases come meanwhile
                 await loop.run_in_executor(None, self._audit_results, batch, names)
 

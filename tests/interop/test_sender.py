@@ -132,3 +132,34 @@ def test_dst07_transfer_syntax_not_accepted_is_dead_lettered_not_transcoded(
 
     assert asyncio.run(both()) == [Verdict.DEAD, Verdict.DONE]
     assert len(received_files(out)) == 1
+
+
+def test_a_pool_grows_and_shrinks_with_its_share_and_counts_its_open_associations(
+    run_app: Callable[..., Server], tmp_path: Path
+) -> None:
+    """The dispatcher's share of a destination's node-wide limit sets how many
+    associations a worker's pool may open (router/dispatcher.py): growing adds slots at
+    once; shrinking releases associations as their slots come free."""
+    out = tmp_path / "out"
+    out.mkdir()
+    server = run_app("storescp", "-od", str(out), "-v")
+    files = _files(tmp_path / "send", 12)
+    pool = DestinationPool(Destination("pacs", "STORESCP", "127.0.0.1", server.port, 1), "ROUTER")
+
+    async def scenario() -> tuple[int, int, int, int]:
+        assert pool.open_associations == 0
+        await pool.send(_item(files[0]))
+        one = pool.open_associations  # idle, still open
+        pool.resize(3)
+        await asyncio.gather(*(pool.send(_item(f)) for f in files[1:]))
+        grown = pool.open_associations
+        pool.resize(1)
+        await asyncio.gather(*(pool.send(_item(f)) for f in files[:3]))
+        shrunk = pool.open_associations
+        await pool.close()
+        return one, grown, shrunk, pool.open_associations
+
+    one, grown, shrunk, closed = asyncio.run(scenario())
+    assert (one, shrunk, closed) == (1, 1, 0)
+    assert 1 <= grown <= 3
+    assert len(received_files(out)) == 12

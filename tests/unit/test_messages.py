@@ -221,6 +221,8 @@ SAMPLES: list[Message] = [
     Who(),
     Credit(2, ("pacs", "ai")),
     Credit(1, ("pacs",), down=("pacs",), up=("ai",)),
+    Credit(0, closed=("pacs",)),
+    Hello("w", ("pacs",), 3, open=("pacs", "pacs"), pid=4242, pid_ns="pid:[4026531836]"),
 ]
 # Fields added in revision 1.1 (or optional from the start) and what their absence means.
 ABSENT: dict[tuple[str, str], object] = {
@@ -234,6 +236,10 @@ ABSENT: dict[tuple[str, str], object] = {
     ("credit", "done"): None,
     ("credit", "down"): None,
     ("credit", "up"): None,
+    ("credit", "closed"): None,
+    ("hello", "open"): None,
+    ("hello", "pid"): 0,
+    ("hello", "pid_ns"): "",
 }
 
 
@@ -272,7 +278,10 @@ def test_a_field_of_the_wrong_type_is_refused(message: Message, key: str, wrong:
         or (key in ("expires", "started") and isinstance(wrong, float))
         or (key in ("eof", "data") and type(wrong) is type(right))
         or (key in ("priority", "job", "instance") and message.TYPE == "job" and wrong == -1)
-        or (key in ("destinations", "status", "done", "down", "up") and wrong is None)
+        or (
+            key in ("destinations", "status", "done", "down", "up", "closed", "open")
+            and wrong is None
+        )
     )
     if acceptable:
         return  # a valid value for this field
