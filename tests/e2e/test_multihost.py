@@ -614,7 +614,7 @@ def test_throughput_with_a_second_worker_host_to_latency_bound_destinations(site
     rate_two, peers_two, cpu_two = run("second", [one, two])
     assert peers_two[one.address] > 0 and peers_two[two.address] > 0, peers_two
     assert _wait_for(lambda: site.states() == Counter(done=4 * count), 30), site.states()
-    ceiling = 4 / delay  # jobs/s of the node: 2 destinations of 2 associations, each waiting `delay`
+    ceiling = 4 / delay  # jobs/s of the node: 2 destinations x 2 associations, `delay` each
     print(
         f"\nmultihost: {2 * count} jobs to 2 destinations delaying each response "
         f"{delay * 1000:.0f} ms (latency bound {ceiling:.0f}/s, node-wide limits):\n"
