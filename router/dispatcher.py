@@ -404,7 +404,9 @@ class Dispatcher:
             if worker.last_seen < limit:
                 log.warning("worker %s is silent; its leases will expire", worker.name)
                 del self._workers[key]
-            elif look and has_exited(worker.pid, worker.pid_ns):
+            elif look and worker.host == "local" and has_exited(worker.pid, worker.pid_ns):
+                # (ipc:// only: a tcp:// worker's host may have a namespace of the same
+                # inode, the initial one's is the same on every host)
                 # Killed: its associations closed with it, so its shares are free now.
                 log.warning("worker %s has exited; its leases will expire", worker.name)
                 del self._workers[key]

@@ -4,8 +4,9 @@ A worker says its process id and PID namespace in its hello (router/messages.py,
 A dispatcher in the same namespace can then see a killed worker gone within a second,
 instead of waiting for its heartbeats to stop counting (``worker_timeout``): a killed
 worker's associations closed with it, so its shares of the destinations' association
-limits are free at once. Anything unclear (another namespace, no /proc) means "still
-running": the heartbeat timeout stays the rule there.
+limits are free at once. Only for workers on the dispatcher's own host (ipc://): the
+initial PID namespace has the same inode on every host. Anything unclear (another
+namespace, no /proc) means "still running": the heartbeat timeout stays the rule there.
 """
 
 from __future__ import annotations

@@ -422,8 +422,9 @@ class Worker:
         if pool is not None and pool.destination == dataclasses.replace(
             target, max_associations=pool.destination.max_associations
         ):
-            pool.resize(target.max_associations)  # the dispatcher's share changed
-        elif pool is None or pool.destination != target:
+            if pool.destination.max_associations != target.max_associations:
+                pool.resize(target.max_associations)  # the dispatcher's share changed
+        else:
             if pool is not None:
                 await pool.close()
             pool = DestinationPool(target, self._calling_ae, self._timeouts, tls=tls_context(tls))

@@ -1,8 +1,9 @@
 """A destination's ``max_associations`` holds for the whole node (router/dispatcher.py):
-a dispatcher over a migrated SQLite file and real ZeroMQ DEALER sockets on loopback,
-each playing a 1.4 worker. Without the node-wide count, four workers each pooling their
-own association queued behind one another at a one-association storescp and waited out
-the 30 s ACSE timeout (the B.7 walk's "the node did not drain")."""
+a dispatcher over a migrated SQLite file and real ZeroMQ DEALER sockets on its ipc://
+endpoint, each playing one of the node's own 1.4 workers. Without the node-wide count,
+four workers each pooling their own association queued behind one another at a
+one-association storescp and waited out the 30 s ACSE timeout (the B.7 walk's "the
+node did not drain")."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -47,28 +49,31 @@ def engine(tmp_path: Path) -> Iterator[Engine]:
 @dataclass
 class Node:
     context: zmq.asyncio.Context
-    port: int
+    endpoint: str
 
 
 @asynccontextmanager
 async def running(engine: Engine) -> AsyncIterator[Node]:
-    dispatcher = Dispatcher(JobQueue(engine), "tcp://127.0.0.1:0", sweep=0.2, pipeline=4)
+    directory = tempfile.TemporaryDirectory(prefix="dr-")  # short: ipc paths are < 108
+    endpoint = f"ipc://{directory.name}/dispatcher.ipc"
+    dispatcher = Dispatcher(JobQueue(engine), endpoint, sweep=0.2, pipeline=4)
     stop, ready = asyncio.Event(), asyncio.Event()
     task = asyncio.ensure_future(dispatcher.run(stop, ready))
     await asyncio.wait_for(ready.wait(), 10)
     context = zmq.asyncio.Context()
     try:
-        yield Node(context, dispatcher.ports[0])
+        yield Node(context, endpoint)
     finally:
         context.destroy(linger=0)
         stop.set()
         await asyncio.wait_for(task, 10)
+        directory.cleanup()
 
 
 async def worker(node: Node, name: str, credit: int, **hello: object) -> zmq.asyncio.Socket:
     socket = node.context.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
-    socket.connect(f"tcp://127.0.0.1:{node.port}")
+    socket.connect(node.endpoint)
     await socket.send(Hello(name, None, credit, **hello).encode())  # type: ignore[arg-type]
     return socket
 
