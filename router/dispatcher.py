@@ -24,6 +24,13 @@ would open more than a one-association destination (DCMTK's storescp without
 ``--fork``) takes, and wait for the ACSE timeout behind one another. Older workers are
 not counted: each keeps the limit for itself.
 
+A job some worker died holding (deliveries > attempts: a suspect, maybe an instance
+that kills workers) is leased alone, to a worker that holds nothing else, and that
+worker gets nothing more until it gives it back: a poison instance's crashes then cost
+no other job a delivery (catalogue FI-08). A suspect passed over lets one busy worker
+run empty for it; that is the worker holding the destination's share, since only a
+worker with room for a destination sees its suspects.
+
 A worker without the node's filesystem asks for a spool file in chunks (``fetch``); the
 dispatcher answers (``chunk``) only while that worker's token holds a lease on a job of
 that very instance, so reaching the port does not open the spool.
@@ -40,7 +47,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import zmq
 import zmq.asyncio
@@ -48,7 +55,7 @@ import zmq.asyncio
 from router import failpoints
 from router.backoff import DestinationHealth
 from router.curve import KeyPair, ZapHandler
-from router.db.jobs import JobQueue, Lease
+from router.db.jobs import JobQueue, Lease, Leases
 from router.liveness import WorkerSeen, remove_view, write_view
 from router.messages import (
     MAX_CHUNK,
@@ -98,10 +105,16 @@ class _Worker:
     # Associations granted per destination, for a worker that says when it closed them
     # (1.4): its share of each destination's node-wide limit.
     shares: Counter[str] = field(default_factory=Counter)
+    suspect: bool = False  # it holds a suspect lease (FI-08): nothing goes with it
 
     @property
     def counted(self) -> bool:
         return self.held is not None and self.minor >= 4
+
+    def idle(self) -> bool:
+        """It holds no lease (known only of a 1.2 worker, which reports what it gives
+        back)."""
+        return self.held is not None and not +self.held
 
 
 def lease_message(lease: Lease, associations: int | None = None) -> LeaseMessage:
@@ -165,6 +178,8 @@ class Dispatcher:
         self._tick = tick
         self._worker_timeout = worker_timeout
         self._workers: dict[tuple[int, bytes], _Worker] = {}
+        # The worker left to run empty for a suspect job that is waiting (see _mode).
+        self._draining: tuple[int, bytes] | None = None
         self._liveness = liveness  # where queue status and the metrics read workers
         self._published = 0.0
         self._looked = 0.0  # when /proc was last read for exited workers
@@ -415,8 +430,12 @@ class Dispatcher:
         """Lease for every worker with credit; True if more work may be waiting."""
         loop = asyncio.get_running_loop()
         more = False
-        for (_, identity), worker in list(self._workers.items()):
-            if worker.credit <= 0:
+        if self._draining is not None and self._draining not in self._workers:
+            self._draining = None
+        for key, worker in list(self._workers.items()):
+            identity = key[1]
+            mode = self._mode(key, worker)
+            if worker.credit <= 0 or mode is None:
                 continue
             held: Counter[str] = worker.held if worker.held is not None else Counter()
             capped = worker.held is not None
@@ -452,6 +471,7 @@ class Dispatcher:
                         worker.credit,
                         self._lease_seconds,
                         room=room,
+                        suspects=mode,
                     ),
                 )
             except Exception as exc:  # the database may be briefly unavailable
@@ -459,6 +479,7 @@ class Dispatcher:
                 return True
             if leases:
                 failpoints.hit("dispatcher.after_lease_commit")
+            self._note_suspects(key, worker, leases)
             for lease in leases:
                 associations = None
                 if worker.counted:
@@ -484,6 +505,35 @@ class Dispatcher:
         if taken < max(1, limit) and (mine == 0 or held >= mine * self._pipeline):
             return mine + 1
         return mine
+
+    def _mode(self, key: tuple[int, bytes], worker: _Worker) -> Literal["alone", "skip"] | None:
+        """How a worker may be given suspects (jobs a worker died holding, FI-08): only
+        alone, to a worker that holds nothing else, so that if the suspect is a poison
+        instance its crash costs no other job a delivery. None: give it nothing now (it
+        holds a suspect, or it is being left to run empty so that a waiting suspect has
+        a worker: otherwise a busy node would never have one idle)."""
+        if worker.held is None:
+            return "alone"  # 1.0/1.1: what it holds is unknown; alone in its batch
+        idle = worker.idle()
+        if idle:
+            worker.suspect = False
+        if worker.suspect or (key == self._draining and not idle):
+            return None
+        return "alone" if idle else "skip"
+
+    def _note_suspects(self, key: tuple[int, bytes], worker: _Worker, leases: Leases) -> None:
+        if self._draining == key:
+            self._draining = None  # it ran empty and was offered the suspects first
+        if any(lease.suspect for lease in leases):
+            worker.suspect = worker.held is not None
+        elif leases.suspects_skipped and self._draining is None and worker.held is not None:
+            self._draining = key
+            log.info(
+                "dispatcher: %d job(s) a worker died holding wait to go alone; letting"
+                " worker %s run empty for them",
+                leases.suspects_skipped,
+                worker.name,
+            )
 
 
 def _peer(endpoint: Endpoint, frame: zmq.Frame) -> str:

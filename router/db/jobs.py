@@ -61,7 +61,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from sqlalchemy import (
     Connection,
@@ -145,6 +145,19 @@ class Lease:
     attempts: int  # finished attempts before this delivery
     deliveries: int  # leases handed out, this one included
     study_instance_uid: str | None = None  # for the worker's audit records
+
+    @property
+    def suspect(self) -> bool:
+        """An earlier delivery of this job ended with no result (its lease expired: the
+        worker died or lost it), so this job may be what kills workers (FI-08)."""
+        return self.deliveries - 1 > self.attempts
+
+
+class Leases(list[Lease]):
+    """What ``lease`` handed out, and how many due suspects it passed over (they wait
+    for a worker that holds nothing else)."""
+
+    suspects_skipped: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -504,6 +517,17 @@ def _of_destination(destination: str) -> Any:
     return _J.destination_id == (select(_D.id).where(_D.name == destination).scalar_subquery())
 
 
+def _apart(candidates: list[Any], alone: bool) -> tuple[list[Any], bool]:
+    """The candidates to lease when suspects (deliveries > attempts) must not go with
+    other jobs: the first suspect by itself when ``alone`` allows one, else the others;
+    and whether a suspect was kept."""
+    if alone:
+        for row in candidates:
+            if row.deliveries > row.attempts:
+                return [row], True
+    return [row for row in candidates if row.deliveries <= row.attempts], False
+
+
 class JobQueue:
     """The job queue of the forwarding side; see the module's docstring."""
 
@@ -539,16 +563,25 @@ class JobQueue:
         lease_seconds: float,
         exclude_destinations: Collection[str] = (),
         room: Callable[[str, int], int] | None = None,
-    ) -> list[Lease]:
+        suspects: Literal["any", "alone", "skip"] = "any",
+    ) -> Leases:
         """Lease up to ``limit`` due jobs of ``destinations`` (None: all of them, less
         ``exclude_destinations``: those at their association limit or backing off), by
         priority then age. ``room(name, max_associations)``, when given, caps how many
         jobs of each destination this call may lease (the dispatcher's per-destination
         limit: a destination that never answers must not take a worker's whole credit);
         a job over its destination's room stays due. Due jobs past a cap are
-        dead-lettered on the way, and do not count against ``limit``."""
+        dead-lettered on the way, and do not count against ``limit``.
+
+        ``suspects`` decides what happens to a due job an earlier delivery of which
+        ended with no result (deliveries > attempts: a worker died holding it). With
+        "any" it is leased like the others. With "alone" it is leased only as the first
+        and only lease of the call, and passed over otherwise; with "skip" it is always
+        passed over: a poison instance that kills its worker then takes no innocent job
+        down with it, whose deliveries would count towards ``max_deliveries`` too
+        (FI-08). Passed-over suspects stay due and are counted in the result."""
         if limit <= 0 or lease_seconds <= 0 or (destinations is not None and not destinations):
-            return []
+            return Leases()
         now = self._clock()
         expires = now + dt.timedelta(seconds=lease_seconds)
         params: dict[str, Any] = {"now": now}
@@ -556,8 +589,9 @@ class JobQueue:
             params["names"] = list(destinations)
         if exclude_destinations:
             params["excluded"] = list(exclude_destinations)
-        leases: list[Lease] = []
+        leases = Leases()
         seen: set[int] = set()  # candidates of this call: leased, dead-lettered or skipped
+        alone = False  # a suspect was leased: nothing else goes with it
         with self._write() as connection:
             found = self._targets(connection, destinations, exclude_destinations)
             # Room left per destination name; a destination with none is not read at all.
@@ -576,7 +610,7 @@ class JobQueue:
                     for row in connection.execute(chosen_query, {"ids": order, "now": now})
                 }
                 dead: list[dict[str, Any]] = []
-                chosen: list[dict[str, Any]] = []
+                candidates = []
                 for job_id in order:
                     row = rows.get(job_id)
                     if row is None:  # no longer due, or locked by another transaction
@@ -586,7 +620,14 @@ class JobQueue:
                     )
                     if reason is not None:
                         dead.append({"b_id": row.id, "b_reason": reason, "b_now": now})
-                        continue
+                    elif left.get(row.name, 1) > 0:  # else it stays due (and seen)
+                        candidates.append(row)
+                if suspects != "any":
+                    waiting = sum(row.deliveries > row.attempts for row in candidates)
+                    candidates, alone = _apart(candidates, suspects == "alone" and not leases)
+                    leases.suspects_skipped += waiting - alone
+                chosen: list[dict[str, Any]] = []
+                for row in candidates:
                     if row.name in left:
                         if left[row.name] <= 0:
                             continue  # stays due; seen, so not read again in this call
@@ -606,8 +647,8 @@ class JobQueue:
                     connection.execute(_DEAD_AT_LEASE, dead)
                 if chosen:
                     connection.execute(_LEASE, chosen)
-                if len(order) < wanted:
-                    break  # everything due was looked at
+                if alone or len(order) < wanted:
+                    break  # a suspect goes alone, or everything due was looked at
                 targets = [id_ for id_ in targets if left.get(names[id_], 1) > 0]
         return leases
 

@@ -174,3 +174,36 @@ def test_has_exited_is_true_only_for_a_gone_process_of_our_namespace() -> None:
     assert has_exited(child.pid, namespace)
     assert not has_exited(os.getpid(), namespace)
     assert not has_exited(0, namespace)
+
+
+def test_a_suspect_goes_alone_to_the_worker_holding_the_share_once_it_ran_empty(
+    engine: Engine,
+) -> None:
+    """FI-08 with node-wide shares: a job some worker died holding goes alone, and only
+    to a worker that holds nothing else. The idle worker without the one-association
+    destination's share cannot take it; the busy one holding the share is left to run
+    empty (it gets nothing new meanwhile) and then gets the suspect by itself."""
+
+    async def scenario() -> None:
+        async with running(engine) as node:
+            holder = await worker(node, "w-1", 8)
+            assert len(await leases(holder, 10, want=4)) == 4  # one share: 4 on it
+            # A worker that died holding a lease: its job comes due again as a suspect.
+            JobQueue(engine).lease("ghost", None, 1, 0.3)
+            await asyncio.sleep(0.5)
+            idle = await worker(node, "w-2", 8)
+            assert await leases(idle, QUIET) == []  # no share of pacs for it
+            # The lease call that passes the suspect over still leases the others...
+            await holder.send(Credit(2, done=("pacs",) * 2).encode())
+            assert [lease.deliveries for lease in await leases(holder, 10, want=2)] == [1, 1]
+            # ...and from then on the holder runs empty: nothing new until it is.
+            await holder.send(Credit(2, done=("pacs",) * 2).encode())
+            assert await leases(holder, QUIET) == []
+            await holder.send(Credit(2, done=("pacs",) * 2).encode())
+            got = await leases(holder, 10)
+            assert [lease.deliveries for lease in got] == [2]  # the suspect, alone
+            assert await leases(idle, QUIET) == []
+            await holder.send(Credit(1, done=("pacs",)).encode())
+            assert len(await leases(holder, 10, want=4)) == 4  # and then the rest
+
+    asyncio.run(scenario())

@@ -245,6 +245,71 @@ def test_deliveries_cap_counts_recorded_attempts_apart(
     assert job is not None and job.last_error == "worker crashed 1 times (3 deliveries)"
 
 
+def _crash(queue: JobQueue, clock: Clock, n: int) -> list[Lease]:
+    """Lease ``n`` jobs and let the leases expire, as when the worker holding them died."""
+    leases = queue.lease("w", None, n, 30)
+    clock.advance(31)
+    return leases
+
+
+def test_a_suspect_is_leased_like_the_others_by_default(
+    repo: Repository, queue: JobQueue, clock: Clock
+) -> None:
+    jobs = [add(repo, n, "pacs")[0] for n in range(1, 4)]
+    _crash(queue, clock, 3)
+    leases = queue.lease("w", None, 10, 30)
+    assert ids(leases) == jobs and all(lease.suspect for lease in leases)
+    assert leases.suspects_skipped == 0
+
+
+def test_alone_leases_the_first_suspect_by_itself(  # FI-08
+    repo: Repository, queue: JobQueue, clock: Clock
+) -> None:
+    crashed = [add(repo, n, "pacs")[0] for n in range(1, 3)]
+    _crash(queue, clock, 2)
+    add(repo, 3, "pacs")  # never delivered: not a suspect
+    (lease,) = queue.lease("w", None, 10, 30, suspects="alone")
+    assert lease.job_id == crashed[0] and lease.suspect and lease.deliveries == 2
+    stored = queue.get_job(crashed[1])
+    assert stored is not None and stored.state == "leased"  # still due: its lease expired
+
+
+def test_alone_without_a_suspect_leases_normally_and_skip_passes_them_over(
+    repo: Repository, queue: JobQueue, clock: Clock
+) -> None:
+    (crashed,) = add(repo, 1, "pacs")
+    _crash(queue, clock, 1)
+    fresh = [add(repo, n, "pacs")[0] for n in range(2, 4)]
+    skipped = queue.lease("w", None, 10, 30, suspects="skip")
+    assert ids(skipped) == fresh and skipped.suspects_skipped == 1
+    assert not any(lease.suspect for lease in skipped)
+    (alone,) = queue.lease("w", None, 10, 30, suspects="alone")
+    assert alone.job_id == crashed
+
+
+def test_a_retried_suspect_is_still_a_suspect(
+    repo: Repository, queue: JobQueue, clock: Clock
+) -> None:
+    """deliveries > attempts stays true after a later attempt is recorded: once a job
+    was held by a worker that died, it goes alone for the rest of its life."""
+    (job_id,) = add(repo, 1, "pacs")
+    _crash(queue, clock, 1)
+    (lease,) = queue.lease("w", None, 10, 30, suspects="alone")
+    assert queue.retry_later(job_id, lease.token, clock.now, 0xA700, "busy", NOW, 1)
+    add(repo, 2, "pacs")
+    assert ids(queue.lease("w", None, 10, 30, suspects="skip")) != [job_id]
+    (again,) = queue.lease("w", None, 10, 30, suspects="alone")
+    assert (
+        again.job_id == job_id
+        and again.suspect
+        and (again.deliveries, again.attempts)
+        == (
+            3,
+            1,
+        )
+    )
+
+
 def test_attempts_cap_lowered_meanwhile_dead_letters_at_lease(
     repo: Repository, queue: JobQueue, engine: Engine
 ) -> None:

@@ -962,15 +962,6 @@ def test_fi_08_poison_instance_is_dead_lettered_after_n_crashes_others_flow(
     assert all(poison_run.jobs[uid][0] == "done" for uid in poison_run.later)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: jobs leased in the same batch as a poison instance die with the worker"
-    " at each of its crashes, so their deliveries reach workers.max_deliveries too and"
-    " they are dead-lettered as 'worker crashed N times' without ever being the cause."
-    " A fix (a suspect leased alone, only to an empty worker; c210611) was taken out"
-    " while associations were counted per worker; with the node-wide shares (3fe271f)"
-    " it must also hand the suspect's destination share to that empty worker",
-)
 def test_fi_08_jobs_leased_beside_a_poison_instance_are_not_dead_lettered(
     poison_run: PoisonRun,
 ) -> None:
