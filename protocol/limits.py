@@ -24,8 +24,6 @@ class Limits:
     max_presentation_contexts: int = 128  # PS3.8 allows odd IDs 1..255
     max_associations: int = 64  # concurrent, per SCP process
     max_associations_per_calling_ae: int = 32
-    max_dataset_depth: int = 64  # sequence nesting (DCMTK's default)
-    max_inflated_bytes: int = 1 << 30  # Deflated Explicit VR LE inflation cap
     send_pdu_cap: int = SEND_PDU_CAP
     # Minimum progress of an incoming data set (catalogue RX-03): once one has been
     # arriving for ``min_rate_grace`` seconds, its average since its C-STORE-RQ must be
