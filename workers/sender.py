@@ -111,9 +111,7 @@ class DestinationPool:
     async def send(self, item: Item) -> Outcome:
         """Send one instance; returns the DIMSE status or the failure as an ``Outcome``."""
         slot = await self._free.get()
-        while len(self._slots) > self._capacity:  # the share shrank: one slot fewer
-            self._slots.remove(slot)
-            await self._drop(slot)
+        while await self._retired(slot):
             slot = await self._free.get()
         slot.busy = True
         try:
@@ -121,11 +119,17 @@ class DestinationPool:
         finally:
             slot.busy = False
             slot.last_used = time.monotonic()
-            if len(self._slots) > self._capacity:
-                self._slots.remove(slot)  # over the share: this association goes
-                await self._drop(slot)
-            else:
+            if not await self._retired(slot):
                 self._free.put_nowait(slot)
+
+    async def _retired(self, slot: _Slot) -> bool:
+        """Drop ``slot`` (releasing its association) if the share shrank below the
+        slots there are; whether it was dropped."""
+        if len(self._slots) <= self._capacity:
+            return False
+        self._slots.remove(slot)
+        await self._drop(slot)
+        return True
 
     async def _send_on(self, slot: _Slot, item: Item) -> Outcome:
         pair = (item.sop_class_uid, item.transfer_syntax)
