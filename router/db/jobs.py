@@ -517,15 +517,14 @@ def _of_destination(destination: str) -> Any:
     return _J.destination_id == (select(_D.id).where(_D.name == destination).scalar_subquery())
 
 
-def _apart(candidates: list[Any], alone: bool) -> tuple[list[Any], bool]:
+def _apart(candidates: list[Any], alone: bool) -> tuple[list[Any], bool, int]:
     """The candidates to lease when suspects (deliveries > attempts) must not go with
     other jobs: the first suspect by itself when ``alone`` allows one, else the others;
-    and whether a suspect was kept."""
-    if alone:
-        for row in candidates:
-            if row.deliveries > row.attempts:
-                return [row], True
-    return [row for row in candidates if row.deliveries <= row.attempts], False
+    whether a suspect was kept, and how many were passed over."""
+    suspects = [row for row in candidates if row.deliveries > row.attempts]
+    if alone and suspects:
+        return suspects[:1], True, len(suspects) - 1
+    return [row for row in candidates if row.deliveries <= row.attempts], False, len(suspects)
 
 
 class JobQueue:
@@ -623,9 +622,10 @@ class JobQueue:
                     elif left.get(row.name, 1) > 0:  # else it stays due (and seen)
                         candidates.append(row)
                 if suspects != "any":
-                    waiting = sum(row.deliveries > row.attempts for row in candidates)
-                    candidates, alone = _apart(candidates, suspects == "alone" and not leases)
-                    leases.suspects_skipped += waiting - alone
+                    candidates, alone, skipped = _apart(
+                        candidates, suspects == "alone" and not leases
+                    )
+                    leases.suspects_skipped += skipped
                 chosen: list[dict[str, Any]] = []
                 for row in candidates:
                     if row.name in left:
