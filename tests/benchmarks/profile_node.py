@@ -8,7 +8,8 @@ corpus (tiny by default), sampled with py-spy while DCMTK's storescu sends the c
 
 Only samples of a thread holding the GIL count (``py-spy --gil``): a thread blocked in
 a system call (fsync, epoll) or waiting for work is not charged, so the figures are the
-Python work per instance, not wall time. For every process it prints the GIL-held
+Python work per instance, not wall time (on a busy machine a GIL holder waiting for a
+core is sampled too: compare with the process CPU figure). For every process it prints the GIL-held
 milliseconds per instance sent, the process's whole CPU (user+sys from /proc, threads
 and C code included), a split by layer (the frame nearest the leaf that falls in one:
 database = SQLAlchemy or sqlite3, zeromq = pyzmq, dicom = protocol/, logging, asyncio's
@@ -74,6 +75,7 @@ def _layer(frames: list[str]) -> str:
 def _own(frame: str) -> str | None:
     """``function (router/x.py)`` for a frame of our code, else None."""
     name, _, where = frame.partition(" (")
+    where = "/" + where.lstrip("/")  # py-spy gives paths under the cwd relative
     for root in ("/router/", "/workers/", "/protocol/"):
         if root in where:
             path = root.strip("/") + "/" + where.split(root, 1)[1].split(":", 1)[0]

@@ -15,7 +15,7 @@ LOOP = "run_forever (/usr/lib/python3.11/asyncio/base_events.py:607)"
 COMMIT = "GroupCommitter._commit (/work/main/router/listener.py:120)"
 RECORD = "Repository.record_instances (/work/main/router/db/repository.py:427)"
 EXECUTE = "Connection.execute (/venv/lib/site-packages/sqlalchemy/engine/base.py:1412)"
-FEED = "DatasetWalker.feed (/work/main/router/walker.py:88)"
+FEED = "DatasetWalker.feed (router/walker.py:88)"  # py-spy: relative under the cwd
 PDU = "Connection.receive_data (/work/main/protocol/connection.py:61)"
 
 
