@@ -120,11 +120,6 @@ def _live_jobs(database: Path) -> int:
         )
 
 
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", choices=SHAPES, default="tiny")
@@ -142,24 +137,26 @@ def main(argv: list[str] | None = None) -> int:
     for tool in ("storescu", "storescp", "echoscu"):
         if shutil.which(tool) is None:
             parser.error(f"{tool} not found: apt-get install -y dcmtk")
-    if args.copies < 1:
-        parser.error("--copies must be at least 1")
+    if args.copies < 1 or args.rate < 1:
+        parser.error("--copies and --rate must be at least 1")
     corpus = ensure_corpus(args.corpus, args.corpus_root)
     work = args.work_dir
     shutil.rmtree(work, ignore_errors=True)
     (work / "logs").mkdir(parents=True)
     sink_port = free_port()
     sink = start_receiver(_sink_system(False), sink_port, work / "sink", work / "logs")
-    node = Router(work / "data", work / "logs" / "serve.log", sink_port)
-    spies: dict[str, tuple[subprocess.Popen[bytes], Path, int, float]] = {}
+    node: Router | None = None
+    spies: dict[str, tuple[subprocess.Popen[bytes], Path, int]] = {}
+    failed = False  # keep the work directory (logs, raw profiles) of a failed run
     try:
+        node = Router(work / "data", work / "logs" / "serve.log", sink_port)
+        cpu0 = node.cpu()  # suts.group_cpu: user+sys seconds per pid of the node
         for pid, role in node.roles().items():
             if role.startswith(PROFILED):
                 raw = work / f"{role}.raw"
                 cmd = [spy, "record", "--gil", "--nonblocking", "-r", str(args.rate),
                        "-f", "raw", "-o", str(raw), "-p", str(pid)]  # fmt: skip
-                spies[role] = (_spawn(cmd, {}, work / "logs" / f"py-spy-{role}.log"), raw,
-                               pid, _cpu_s(pid))  # fmt: skip
+                spies[role] = (_spawn(cmd, {}, work / "logs" / f"py-spy-{role}.log"), raw, pid)
         time.sleep(1.0)  # py-spy attached
         t0 = time.perf_counter()
         for copy in range(args.copies):
@@ -170,27 +167,34 @@ def main(argv: list[str] | None = None) -> int:
             if sender.returncode != 0:
                 raise RuntimeError(f"storescu copy {copy + 1} failed: {sender.stderr[-500:]!r}")
         deadline = time.monotonic() + 300
-        while _live_jobs(work / "data" / "router.sqlite") and time.monotonic() < deadline:
+        while live := _live_jobs(work / "data" / "router.sqlite"):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{live} jobs still not forwarded after 300 s; see {work}")
             time.sleep(0.05)
         wall = time.perf_counter() - t0
-        cpu = {role: _cpu_s(pid) - cpu0 for role, (_, _, pid, cpu0) in spies.items()}
-        for popen, _, _, _ in spies.values():
+        cpu1 = node.cpu()
+        cpu = {role: cpu1.get(pid, 0.0) - cpu0.get(pid, 0.0) for role, (_, _, pid) in spies.items()}
+        for popen, _, _ in spies.values():
             popen.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
-        for popen, _, _, _ in spies.values():
+        for popen, _, _ in spies.values():
             popen.wait(timeout=60)
         instances = args.copies * corpus.count
         print(f"# profile: {instances} {corpus.shape} instances through one node in "
               f"{wall:.1f} s ({instances / wall:.0f} inst/s, py-spy attached)")  # fmt: skip
-        for role, (_, raw, _, _) in sorted(spies.items()):
+        for role, (_, raw, _) in sorted(spies.items()):
             print(f"\n## {role}")
             print(summarise(raw, args.rate, instances, cpu[role], args.top))
+    except BaseException:
+        failed = True
+        raise
     finally:
-        for popen, _, _, _ in spies.values():
+        for popen, _, _ in spies.values():
             if popen.poll() is None:
                 popen.kill()
-        node.stop()
+        if node is not None:
+            node.stop()
         sink.stop()
-        if not args.keep:
+        if not args.keep and not failed:
             shutil.rmtree(work, ignore_errors=True)
         else:
             print(f"\nkept: {work}")
