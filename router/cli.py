@@ -284,7 +284,7 @@ def worker(
 ) -> None:
     """Run one forwarding worker against a node's dispatcher (for other hosts)."""
     from router.curve import CurveKeyError, check_tcp_endpoint, load_pair, load_public
-    from router.node import run_worker
+    from router.node import run_worker, warn_open_worker_key
 
     if not connect.startswith("ipc://"):
         try:
@@ -307,6 +307,7 @@ def worker(
             curve = (load_public(server_key), load_pair(key))
         except CurveKeyError as exc:
             _fail(str(exc))
+        warn_open_worker_key(Path(key))
     context.settings = settings
     names = None
     if destinations is not None:

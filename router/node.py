@@ -483,6 +483,15 @@ def warn_open_secrets(
         log.warning("%s; `dicom-router check` lists it", line)
 
 
+def warn_open_worker_key(key: Path) -> None:
+    """SEC-20 for ``dicom-router worker`` on another host: one WARNING when the group or
+    other users may read its CURVE secret key (it starts anyway, as ``serve`` does)."""
+    from router.check import open_secrets
+
+    for line in open_secrets([(key, "this worker's CURVE secret key")]):
+        log.warning("%s", line)
+
+
 class NodeBusy(RuntimeError):
     """Processes of another run on the same data directory are still alive."""
 

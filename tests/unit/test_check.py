@@ -198,6 +198,26 @@ def test_serve_warns_of_open_secrets_and_starts(
     assert "dicom-router check" in record.getMessage()
 
 
+def test_a_worker_warns_of_its_open_curve_key_and_of_nothing_else(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from router.node import warn_open_worker_key
+
+    key = tmp_path / "worker.key"
+    key.write_text("secret")
+    key.chmod(0o600)
+    with caplog.at_level(logging.WARNING, logger="router.node"):
+        warn_open_worker_key(key)
+    assert caplog.records == []
+    key.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="router.node"):
+        warn_open_worker_key(key)
+    [record] = caplog.records
+    assert record.getMessage() == (
+        f"this worker's CURVE secret key {key} is open to every user (chmod o-rwx) (mode 0o644)"
+    )
+
+
 def test_config_file_in_use(tmp_path: Path) -> None:
     settings = replace(Settings(), data_dir=tmp_path)
     assert config_file_in_use(None, settings, {}) is None
