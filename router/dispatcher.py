@@ -137,6 +137,7 @@ def lease_message(lease: Lease, associations: int | None = None) -> LeaseMessage
         sop_instance=lease.sop_instance_uid,
         expires=lease.expires_at.timestamp(),
         study=lease.study_instance_uid or "",
+        tls=lease.tls,
     )
 
 

@@ -13,7 +13,8 @@ with its default (in brackets below). Revision 1.0: job, hello, credit, lease, b
 Revision 1.1: hello ``minor`` and ``"all"``, lease ``sop_instance`` and ``expires``,
 result, heartbeat, fetch, chunk. Revision 1.2: credit ``done``, ``down`` and ``up``,
 chunk ``token``, who. Revision 1.3: lease ``study``. Revision 1.4: hello ``open``,
-hello ``pid`` and ``pid_ns``, credit ``closed`` (``MINOR`` = 4).
+hello ``pid`` and ``pid_ns``, credit ``closed``. Revision 1.5: lease ``tls``
+(``MINOR`` = 5).
 Times are seconds since the Unix epoch (UTC), a float (an int is read as one), finite
 and not negative.
 
@@ -55,11 +56,15 @@ while its token still holds the job's lease (router/db/jobs.py)::
                         "max_retries": uint, "spool_name": str, "transfer_syntax": str,
                         "sop_class": str, "sop_instance": str [""], "token": str,
                         "expires": float [0.0, unknown], "attempts": uint,
-                        "deliveries": uint, "study": str [""]}
+                        "deliveries": uint, "study": str [""], "tls": bool [false]}
                        attempts: finished before this lease; deliveries: leases handed out,
                        this one included; expires: when the token stops counting; study:
                        the instance's Study Instance UID ("" unknown), for the worker's
-                       audit records (1.3: the worker needs no database read for them)
+                       audit records (1.3: the worker needs no database read for them);
+                       tls (1.5): the destination is set to TLS when the lease was made.
+                       The worker still reads the TLS files from the database; a lease
+                       saying tls makes it read them at once when what it has cached says
+                       clear text (a destination removed and re-added with --tls)
     result     w -> d  {"job": uint, "token": str, "verdict": "done" | "done_with_warning"
                         | "retry" | "dead", "status": uint16 | nil, "error": str,
                         "started": float, "duration_ms": uint}
@@ -90,7 +95,7 @@ from typing import Any, ClassVar, cast
 import msgpack
 
 VERSION = 1  # the major version: a message with another "v" is refused
-MINOR = 4  # this module's revision within VERSION, announced in hello
+MINOR = 5  # this module's revision within VERSION, announced in hello
 MAX_CHUNK = 1 << 20  # bytes per fetch; well under ZeroMQ's message limits
 VERDICTS = frozenset({"done", "done_with_warning", "retry", "dead"})  # workers.retry.Verdict
 
@@ -188,6 +193,7 @@ class LeaseMessage(_Message):
     sop_instance: str = ""  # 1.1
     expires: float = 0.0  # 1.1; 0.0: not given
     study: str = ""  # 1.3; "": not given
+    tls: bool = False  # 1.5; False also when not given
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,6 +394,7 @@ _SCHEMAS: dict[str, tuple[type[_Message], dict[str, _Reader | _Optional]]] = {
             "sop_instance": _Optional(_str, ""),
             "expires": _Optional(_time, 0.0),
             "study": _Optional(_str, ""),
+            "tls": _Optional(_bool, False),
         },
     ),
     "result": (

@@ -408,8 +408,9 @@ class Worker:
 
     async def _pool(self, lease: LeaseMessage) -> DestinationPool:
         """The destination's pool, with its TLS settings read from the database (at most
-        every ``_TLS_FRESH`` seconds): a lease names the destination, not its files."""
-        tls = await self._tls_options(lease.destination)
+        every ``_TLS_FRESH`` seconds, and at once when the lease says TLS and the cache
+        says clear text): a lease names the destination, not its files."""
+        tls = await self._tls_options(lease.destination, lease.tls)
         pool = self._pools.get(lease.destination)
         target = Destination(
             lease.destination,
@@ -431,12 +432,16 @@ class Worker:
             self._pools[lease.destination] = pool
         return pool
 
-    async def _tls_options(self, destination: str) -> TlsOptions | None:
+    async def _tls_options(self, destination: str, says_tls: bool = False) -> TlsOptions | None:
         if self._tls_for is None:
             return None
         now = time.monotonic()
         cached = self._tls_cache.get(destination)
-        if cached is not None and now - cached[0] < _TLS_FRESH:
+        if (
+            cached is not None
+            and now - cached[0] < _TLS_FRESH
+            and not (says_tls and cached[1] is None)  # never clear text on a stale cache
+        ):
             return cached[1]
         loop = asyncio.get_running_loop()
         try:
@@ -592,6 +597,7 @@ class Worker:
             attempts=message.attempts,
             deliveries=message.deliveries,
             study_instance_uid=message.study or None,
+            tls=message.tls,
         )
         error = None if verdict is Verdict.DONE else reason
         return Result(

@@ -145,6 +145,7 @@ class Lease:
     attempts: int  # finished attempts before this delivery
     deliveries: int  # leases handed out, this one included
     study_instance_uid: str | None = None  # for the worker's audit records
+    tls: bool = False  # the destination is set to TLS (its files: the worker reads them)
 
     @property
     def suspect(self) -> bool:
@@ -339,6 +340,7 @@ def _chosen(skip_locked: bool) -> Select[Any]:
             _D.port,
             _D.max_associations,
             _D.max_retries,
+            _D.tls,
             _I.spool_name,
             _I.transfer_syntax,
             _I.sop_class_uid,
@@ -468,6 +470,7 @@ def _lease(row: Any, token: str, expires: dt.datetime) -> Lease:
         attempts=row.attempts,
         deliveries=row.deliveries + 1,
         study_instance_uid=row.study_instance_uid,
+        tls=bool(row.tls),
     )
 
 

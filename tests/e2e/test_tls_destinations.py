@@ -175,3 +175,49 @@ def test_destinations_add_checks_its_tls_options(node: SecureNode, pki: dict[str
     assert bad.returncode == 1 and bad.stderr.startswith("error: destination TLS files")
     names = {d["name"] for d in json.loads(node.cli("destinations", "list", "--json").stdout)}
     assert "x" not in names
+
+
+def test_a_destination_re_added_with_tls_is_never_sent_to_in_clear(
+    node: SecureNode, pki: dict[str, Path], tmp_path: Path
+) -> None:
+    """The worker caches a destination's TLS options for a few seconds. A destination
+    removed and re-added with --tls inside that window is sent to over TLS from its first
+    attempt (the lease says tls, messages revision 1.5): no clear-text association, so no
+    failed attempt and no retry."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    received: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append(str(event.dataset.SOPInstanceUID))
+        return 0x0000
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pki["server_crt"], pki["server_key"])
+    ae = AE("PACS")
+    ae.supported_contexts = AllStoragePresentationContexts
+    handlers = [(evt.EVT_C_STORE, on_store)]
+    plain_port, tls_port = free_port(), free_port()
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "tls").mkdir()
+    plain = ae.start_server((HOST, plain_port), block=False, evt_handlers=handlers)
+    secure = ae.start_server(
+        (HOST, tls_port), block=False, ssl_context=context, evt_handlers=handlers
+    )
+    try:
+        _add(node, plain_port, name="swap")
+        first = _send(node, tmp_path / "plain", "SWAP", count=1)
+        assert wait_for(lambda: [s for s, _ in _jobs(node, "swap")] == ["done"], 60)
+        node.cli("rules", "remove", "swap")
+        node.cli("destinations", "remove", "swap")
+        _add(node, tls_port, "--tls", "--tls-ca", str(pki["ca_crt"]), name="swap")
+        second = _send(node, tmp_path / "tls", "SWAP", count=1)
+        assert wait_for(lambda: set(received) == first | second, 60), node.log()[-3000:]
+        attempts = node.query(
+            "select count(*) from attempts a join jobs j on j.id = a.job_id"
+            " join destinations d on d.id = j.destination_id where d.name = 'swap'"
+        )[0][0]
+        assert attempts == 1, node.log()[-3000:]  # the re-added destination's one job
+    finally:
+        plain.shutdown()
+        secure.shutdown()

@@ -132,6 +132,17 @@ def test_lease_returns_what_a_worker_needs(repo: Repository, queue: JobQueue) ->
     assert queue.lease("w2", None, 10, 30) == []  # leased jobs are not handed out twice
 
 
+def test_a_lease_says_whether_its_destination_is_set_to_tls(
+    repo: Repository, queue: JobQueue
+) -> None:
+    from router.db.repository import TlsOptions
+
+    repo.add_destination("secure", "SECURE", "10.0.0.7", 2762, tls=TlsOptions(ca="/ca.pem"))
+    add(repo, 1, "pacs", "secure")
+    leases = queue.lease("w", None, 10, 30)
+    assert {lease.destination: lease.tls for lease in leases} == {"pacs": False, "secure": True}
+
+
 def test_every_lease_has_its_own_token(repo: Repository, queue: JobQueue, clock: Clock) -> None:
     add(repo, 1, "pacs", "ai")
     first = queue.lease("w", None, 10, 30)

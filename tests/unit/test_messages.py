@@ -150,6 +150,7 @@ every_message: st.SearchStrategy[Message] = st.one_of(
         sop_instance=texts,
         expires=times,
         study=texts,
+        tls=st.booleans(),
     ),
     st.builds(
         ResultMessage,
@@ -210,6 +211,7 @@ SAMPLES: list[Message] = [
         sop_instance="1.2.3.4",
         expires=1_790_000_000.5,
         study="1.2.3",
+        tls=True,
     ),
     ResultMessage(7, "w:1234", "retry", 0xA700, "out of resources", 1_790_000_000.0, 12),
     ResultMessage(7, "w:1234", "retry", None, "connection refused", 1_790_000_000.0, 3),
@@ -231,6 +233,7 @@ ABSENT: dict[tuple[str, str], object] = {
     ("lease", "sop_instance"): "",
     ("lease", "expires"): 0.0,
     ("lease", "study"): "",
+    ("lease", "tls"): False,
     ("chunk", "error"): "",
     ("chunk", "token"): "",
     ("credit", "done"): None,
@@ -276,7 +279,7 @@ def test_a_field_of_the_wrong_type_is_refused(message: Message, key: str, wrong:
     acceptable = (
         (isinstance(right, str) and isinstance(wrong, str))
         or (key in ("expires", "started") and isinstance(wrong, float))
-        or (key in ("eof", "data") and type(wrong) is type(right))
+        or (key in ("eof", "data", "tls") and type(wrong) is type(right))
         or (key in ("priority", "job", "instance") and message.TYPE == "job" and wrong == -1)
         or (
             key in ("destinations", "status", "done", "down", "up", "closed", "open")
@@ -406,7 +409,7 @@ def test_revision_1_0_messages_still_read() -> None:
     hello = {"v": 1, "t": "hello", "worker": "w", "destinations": None, "credit": 4}
     assert decode(msgpack.packb(hello)) == Hello("w", None, 4, minor=0)
     lease = _wire(SAMPLES[3])
-    del lease["sop_instance"], lease["expires"], lease["study"]
+    del lease["sop_instance"], lease["expires"], lease["study"], lease["tls"]
     read = decode(msgpack.packb(lease))
     assert isinstance(read, LeaseMessage) and read.sop_instance == "" and read.expires == 0.0
 
