@@ -420,12 +420,15 @@ class CutOff:
     lease_seconds: float
 
 
-def _run_cut_off(site: Site, *, in_transaction: bool, wait: float) -> CutOff:
-    """120 instances to pacs (50 ms a response, one association per worker), both worker
-    hosts forwarding; host 1 is cut off once it has delivered 10. Returns what happened:
-    the jobs host 1 held (lost with it), when they were done, the receptions."""
+def _run_cut_off(
+    site: Site, *, in_transaction: bool, wait: float, count: int = 120, delay: float = 0.05
+) -> CutOff:
+    """``count`` instances to pacs (``delay`` s a response, one association per worker),
+    both worker hosts forwarding; host 1 is cut off once it has delivered 10. Returns
+    what happened: the jobs host 1 held (lost with it), when they were done, the
+    receptions."""
     lease_seconds = 5.0
-    pacs = site.scp("dest1", "PACS", delay=0.05, wait=False)
+    pacs = site.scp("dest1", "PACS", delay=delay, wait=False)
     site.cli("init")
     # Node-wide (the dispatcher's shares): one association for each worker host.
     site.add_destination("pacs", ADDRESSES["dest1"], associations=2)
@@ -435,7 +438,7 @@ def _run_cut_off(site: Site, *, in_transaction: bool, wait: float) -> CutOff:
         DICOM_ROUTER_WORKERS_LEASE_SECONDS=str(lease_seconds),
     )  # fmt: skip
     pacs.wait_ready()
-    sent = _study(site.root / "study", 120)
+    sent = _study(site.root / "study", count)
     sender = subprocess.Popen(
         site.send_argv(site.root / "study"),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_clean_env(),
@@ -508,8 +511,13 @@ def test_a_worker_host_cut_off_mid_run_gives_back_its_jobs_and_the_other_finishe
 def test_a_worker_host_cut_off_inside_a_transaction_gives_back_its_jobs(site: Site) -> None:
     """As above, but the cable goes while host 1 is writing a result (a transaction that
     has updated a job row is open on the server). Every job must still be done within
-    the lease and 20 s more."""
-    run = _run_cut_off(site, in_transaction=True, wait=5 + 20)
+    the lease and 20 s more.
+
+    _cut_off catches host 1 inside such a transaction by sampling: the chance of missing
+    every one falls with the number of results host 1 writes, whatever the destination's
+    delay (one CI run in about ten missed all of 120 instances' at 50 ms). So 360
+    instances, at 20 ms: three times the results in about the same time."""
+    run = _run_cut_off(site, in_transaction=True, wait=5 + 20, count=360, delay=0.02)
     stuck = [(id_, state, owner) for id_, _, state, owner, _ in site.jobs() if state != "done"]
     print(
         f"\nmultihost: cut inside a transaction ({run.sessions}: pid, state, seconds, wrote "
