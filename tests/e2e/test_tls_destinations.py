@@ -7,13 +7,17 @@ from __future__ import annotations
 import json
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from ingest_support import HOST, free_port, make_dataset, require_dcmtk, write_part10
 from pydicom import dcmread
 from security_support import SecureNode, TlsStorescp, make_pki, wait_for
+
+from workers.worker import _TLS_FRESH
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +76,59 @@ def _add(node: SecureNode, port: int, *tls: str, name: str) -> None:
     node.cli("rules", "add", name, "--to", name, "--when", f"calling_aet == {name.upper()}")
 
 
+def _attempts(node: SecureNode, name: str) -> int:
+    return int(
+        node.query(
+            "select count(*) from attempts a join jobs j on j.id = a.job_id"
+            " join destinations d on d.id = j.destination_id where d.name = ?",
+            name,
+        )[0][0]
+    )
+
+
+def _re_add_with_tls(node: SecureNode, name: str, port: int, ca: Path) -> None:
+    """Remove destination ``name`` and its rule and add both back, the destination with
+    TLS on ``port``: what `rules remove`, `destinations remove`, `destinations add --tls`
+    and `rules add` do, in one process, so that it fits well inside the worker's cache
+    window (four CLI starts took most of it)."""
+    from router.db.engine import make_engine
+    from router.db.repository import Repository, TlsOptions
+
+    engine = make_engine(f"sqlite:///{node.data / 'router.sqlite'}")
+    try:
+        repository = Repository(engine)
+        rule = repository.get_rule(name)
+        old = repository.get_destination(name)
+        repository.remove_rule(name)
+        repository.remove_destination(name)
+        repository.add_destination(name, old.ae_title, old.host, port, tls=TlsOptions(ca=str(ca)))
+        repository.add_rule(rule)
+    finally:
+        engine.dispose()
+
+
+def _pynetdicom_scp(pki: dict[str, Path] | None, received: list[str]) -> tuple[Any, int]:
+    """A pynetdicom storage SCP on a free port (TLS with the server certificate when
+    ``pki`` is given) appending each SOP Instance UID it stores to ``received``."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    def on_store(event: evt.Event) -> int:
+        received.append(str(event.dataset.SOPInstanceUID))
+        return 0x0000
+
+    context = None
+    if pki is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(pki["server_crt"], pki["server_key"])
+    ae = AE("PACS")
+    ae.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    handlers = [(evt.EVT_C_STORE, on_store)]
+    return ae.start_server(
+        (HOST, port), block=False, ssl_context=context, evt_handlers=handlers
+    ), port
+
+
 def test_forwards_to_dcmtk_storescp_requiring_our_client_certificate(
     node: SecureNode, pki: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -109,22 +166,8 @@ def test_forwards_to_dcmtk_storescp_requiring_our_client_certificate(
 def test_forwards_to_a_pynetdicom_tls_scp(
     node: SecureNode, pki: dict[str, Path], tmp_path: Path
 ) -> None:
-    from pynetdicom import AE, AllStoragePresentationContexts, evt
-
     received: list[str] = []
-
-    def on_store(event: evt.Event) -> int:
-        received.append(str(event.dataset.SOPInstanceUID))
-        return 0x0000
-
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(pki["server_crt"], pki["server_key"])
-    ae = AE("PACS")
-    ae.supported_contexts = AllStoragePresentationContexts
-    port = free_port()
-    server = ae.start_server(
-        (HOST, port), block=False, ssl_context=context, evt_handlers=[(evt.EVT_C_STORE, on_store)]
-    )
+    server, port = _pynetdicom_scp(pki, received)
     try:
         _add(node, port, "--tls", "--tls-ca", str(pki["ca_crt"]), name="pynet")
         uids = _send(node, tmp_path, "PYNET")
@@ -155,11 +198,7 @@ def test_sec_15_an_untrusted_destination_fails_closed_and_is_dead_lettered(
         )
         for _, error in _jobs(node, "rogue"):
             assert error is not None and "TLS certificate not verified" in error, error
-        attempts = node.query(
-            "select count(*) from attempts a join jobs j on j.id = a.job_id"
-            " join destinations d on d.id = j.destination_id where d.name = 'rogue'"
-        )[0][0]
-        assert attempts == 2  # once each: never retried, never in clear
+        assert _attempts(node, "rogue") == 2  # once each: never retried, never in clear
         assert scp.received() == []
     finally:
         scp.stop()
@@ -184,40 +223,22 @@ def test_a_destination_re_added_with_tls_is_never_sent_to_in_clear(
     removed and re-added with --tls inside that window is sent to over TLS from its first
     attempt (the lease says tls, messages revision 1.5): no clear-text association, so no
     failed attempt and no retry."""
-    from pynetdicom import AE, AllStoragePresentationContexts, evt
-
     received: list[str] = []
-
-    def on_store(event: evt.Event) -> int:
-        received.append(str(event.dataset.SOPInstanceUID))
-        return 0x0000
-
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(pki["server_crt"], pki["server_key"])
-    ae = AE("PACS")
-    ae.supported_contexts = AllStoragePresentationContexts
-    handlers = [(evt.EVT_C_STORE, on_store)]
-    plain_port, tls_port = free_port(), free_port()
+    plain, plain_port = _pynetdicom_scp(None, received)
+    secure, tls_port = _pynetdicom_scp(pki, received)
     (tmp_path / "plain").mkdir()
     (tmp_path / "tls").mkdir()
-    plain = ae.start_server((HOST, plain_port), block=False, evt_handlers=handlers)
-    secure = ae.start_server(
-        (HOST, tls_port), block=False, ssl_context=context, evt_handlers=handlers
-    )
     try:
         _add(node, plain_port, name="swap")
+        cached_at = time.monotonic()  # the first lease fills the worker's cache after this
         first = _send(node, tmp_path / "plain", "SWAP", count=1)
         assert wait_for(lambda: [s for s, _ in _jobs(node, "swap")] == ["done"], 60)
-        node.cli("rules", "remove", "swap")
-        node.cli("destinations", "remove", "swap")
-        _add(node, tls_port, "--tls", "--tls-ca", str(pki["ca_crt"]), name="swap")
+        _re_add_with_tls(node, "swap", tls_port, pki["ca_crt"])
         second = _send(node, tmp_path / "tls", "SWAP", count=1)
+        # Otherwise the cache had expired and the test proved nothing.
+        assert time.monotonic() - cached_at < _TLS_FRESH, "re-added too late for the cache"
         assert wait_for(lambda: set(received) == first | second, 60), node.log()[-3000:]
-        attempts = node.query(
-            "select count(*) from attempts a join jobs j on j.id = a.job_id"
-            " join destinations d on d.id = j.destination_id where d.name = 'swap'"
-        )[0][0]
-        assert attempts == 1, node.log()[-3000:]  # the re-added destination's one job
+        assert _attempts(node, "swap") == 1, node.log()[-3000:]  # the re-added one's job
     finally:
         plain.shutdown()
         secure.shutdown()
