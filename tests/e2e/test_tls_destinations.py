@@ -77,13 +77,13 @@ def _add(node: SecureNode, port: int, *tls: str, name: str) -> None:
 
 
 def _attempts(node: SecureNode, name: str) -> int:
-    return int(
-        node.query(
-            "select count(*) from attempts a join jobs j on j.id = a.job_id"
-            " join destinations d on d.id = j.destination_id where d.name = ?",
-            name,
-        )[0][0]
+    ((count,),) = node.query(
+        "select count(*) from attempts a join jobs j on j.id = a.job_id"
+        " join destinations d on d.id = j.destination_id where d.name = ?",
+        name,
     )
+    assert isinstance(count, int)
+    return count
 
 
 def _re_add_with_tls(node: SecureNode, name: str, port: int, ca: Path) -> None:
@@ -123,7 +123,7 @@ def _pynetdicom_scp(pki: dict[str, Path] | None, received: list[str]) -> tuple[A
     ae = AE("PACS")
     ae.supported_contexts = AllStoragePresentationContexts
     port = free_port()
-    handlers = [(evt.EVT_C_STORE, on_store)]
+    handlers: list[Any] = [(evt.EVT_C_STORE, on_store)]
     return ae.start_server(
         (HOST, port), block=False, ssl_context=context, evt_handlers=handlers
     ), port
